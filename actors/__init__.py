@@ -1,0 +1,1 @@
+"""Entity deciders (pure) and the generic host that runs them over the log."""

@@ -1,0 +1,78 @@
+"""What every entity kind provides to the generic host, and what the host answers.
+
+A decider is pure: `decide(command, state) -> list[Event]` and
+`evolve(state, event) -> state`, with `initial_state(entity_id)` for an entity the
+log has never seen. It imports no ray, clock or network; time and ids arrive as
+command fields. A command the decider cannot accept at all (an invalid field, an
+unknown entity) raises `CommandRejected`: nothing is appended. A command it can
+judge, but refuses on business grounds (a setpoint below the SoC floor), returns a
+refusal *event*, because an operator must see it.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from typing import Any, Generic, Literal, TypeVar
+
+from pydantic import BaseModel, ConfigDict
+
+from events.base import Command, Event
+
+S = TypeVar("S")
+
+
+class CommandRejected(ValueError):
+    """A command that changes nothing, with the reason an operator can act on."""
+
+    def __init__(self, reason: str) -> None:
+        super().__init__(reason)
+        self.reason = reason
+
+
+class UnknownEntity(CommandRejected):
+    """The command names an entity that was never registered."""
+
+
+@dataclass(frozen=True)
+class Decider(Generic[S]):
+    """One entity kind: its stream prefix, its commands and its three pure functions."""
+
+    kind: str
+    command_types: tuple[type[Command], ...]
+    state_type: type[BaseModel]
+    initial_state: Callable[[str], S]
+    evolve: Callable[[S, Event], S]
+    decide: Callable[[Any, S], list[Event]]
+
+    def stream_id(self, entity_id: str) -> str:
+        return f"{self.kind}-{entity_id}"
+
+    def fold(self, entity_id: str, events: Sequence[Event]) -> S:
+        state = self.initial_state(entity_id)
+        for event in events:
+            state = self.evolve(state, event)
+        return state
+
+
+class CommandResult(BaseModel):
+    """The answer to one command; a repeated `command_id` gets the first answer again.
+
+    status: `recorded` (events appended at `positions`), `unchanged` (the state
+    already said what the command asks; nothing appended) or `rejected` (invalid;
+    nothing appended; `reason` says why).
+    """
+
+    model_config = ConfigDict(frozen=True, extra="forbid")
+
+    command_id: str
+    stream_id: str
+    status: Literal["recorded", "unchanged", "rejected"]
+    positions: tuple[int, ...] = ()
+    event_types: tuple[str, ...] = ()
+    reason: str = ""
+    duplicate: bool = False
+
+    @property
+    def ok(self) -> bool:
+        return self.status != "rejected"

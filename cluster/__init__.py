@@ -1,0 +1,1 @@
+"""Running v2gfleet: the embedded runtime, the Python client and the `v2g` command."""

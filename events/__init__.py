@@ -1,0 +1,1 @@
+"""The event contract and the durable, tamper-evident event log."""

@@ -1,0 +1,1 @@
+"""DuckDB projections over the event log: energy, revenue, degradation, ROI."""
