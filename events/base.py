@@ -122,7 +122,9 @@ class RecordedEvent(BaseModel):
     model_config = ConfigDict(frozen=True, extra="forbid")
 
     position: int
+    partition: int = 0
     stream_id: str
+    stream_hash: int = 0
     stream_version: int
     event_id: str
     type: str
@@ -132,6 +134,7 @@ class RecordedEvent(BaseModel):
     correlation_id: str
     payload: str
     metadata: str = "{}"
+    prev_hash: bytes = b""
     hash: bytes = b""
 
     def event(self) -> Event:

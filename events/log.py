@@ -1,0 +1,740 @@
+"""The event log: durable, idempotent, partitioned, tamper-evident.
+
+Layout under the log's root folder::
+
+    log.json                       partition count (fixed at creation)
+    partition-NN/manifest.json     the sealed segments, written atomically
+    partition-NN/seg-<first>-<last>.parquet   sealed, immutable, read by DuckDB directly
+    partition-NN/wal-<first>.log   write-ahead frames (see `events.wal`), not yet sealed
+
+One `EventLog` object is the single writer of all its partitions. Appends from any
+number of threads are queued and group-committed by one writer thread: each round
+checks idempotency and expected versions for every request, numbers the accepted
+events with global positions, extends each partition's hash chain, writes one frame
+per touched partition and fsyncs them in parallel. Only then are the callers
+answered, so an acknowledged event is on disk. A commit round writes a command's
+events in a single frame, so a crash keeps all of them or none.
+
+Positions are global and increasing in commit order. A crash between the fsyncs of
+two partitions can leave a gap (events that were never acknowledged); readers see
+positions only up to the last completed round (the watermark), so a subscriber
+never skips an event that appears later.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import queue
+import threading
+from collections.abc import Iterator, Sequence
+from concurrent.futures import Future, ThreadPoolExecutor
+from dataclasses import dataclass, field
+from datetime import datetime
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.compute as pc
+import pyarrow.fs as pafs
+import pyarrow.parquet as pq
+
+from events.base import Event, RecordedEvent
+from events.schema import (
+    GENESIS_HASH,
+    HASH_BYTES,
+    PENDING_SCHEMA,
+    RECORD_SCHEMA,
+    PendingBatchBuilder,
+    chained_hash,
+    stream_hash,
+)
+from events.wal import encode_frame, fsync_dir, scan
+
+_FORMAT = 1
+_COUNT_BITS = 20  # command index packs (first position, event count) in one int
+
+
+class LogError(Exception):
+    """Base of the log's own errors."""
+
+
+class ConcurrencyError(LogError):
+    """Another writer appended to the stream first: the caller's view is stale."""
+
+    def __init__(self, stream_id: str, expected_version: int, actual_version: int) -> None:
+        super().__init__(
+            f"stream {stream_id!r} is at version {actual_version}, "
+            f"but the append expected version {expected_version}: another writer got there first"
+        )
+        self.stream_id = stream_id
+        self.expected_version = expected_version
+        self.actual_version = actual_version
+
+
+class LogCorrupted(LogError):
+    """The log cannot be opened as it is: a sealed part is damaged or missing."""
+
+
+class LogClosed(LogError):
+    pass
+
+
+@dataclass(frozen=True, slots=True)
+class Appended:
+    """What the log acknowledged for one command: durable events at these positions."""
+
+    command_id: str
+    stream_id: str
+    first_position: int
+    count: int
+    duplicate: bool = False
+
+    @property
+    def positions(self) -> tuple[int, ...]:
+        return tuple(range(self.first_position, self.first_position + self.count))
+
+
+AppendOutcome = Appended | ConcurrencyError
+
+
+@dataclass(slots=True)
+class _Segment:
+    file: str
+    first_position: int
+    last_position: int
+    count: int
+    last_hash: bytes
+
+
+@dataclass(slots=True)
+class _Wal:
+    """One write-ahead file and the batches it holds (kept in memory until sealed)."""
+
+    path: str
+    first_position: int
+    batches: list[pa.RecordBatch] = field(default_factory=list)
+    rows: int = 0
+    last_position: int = 0
+
+
+class _Partition:
+    def __init__(self, index: int, path: str) -> None:
+        self.index = index
+        self.path = path
+        self.segments: list[_Segment] = []
+        self.wals: list[_Wal] = []
+        self.last_hash = GENESIS_HASH
+        self.file: int | None = None  # fd of the newest WAL, opened for appending
+
+    @property
+    def sealed_through(self) -> int:
+        return self.segments[-1].last_position if self.segments else 0
+
+    @property
+    def active(self) -> _Wal:
+        return self.wals[-1]
+
+
+class EventLog:
+    """Append and read events.
+
+    Args:
+        root: folder of the log (created if missing).
+        partitions: how many hash chains and write-ahead files; fixed when created.
+        seal_events: a write-ahead file holding this many events is sealed to Parquet.
+        filesystem: pyarrow filesystem used to read sealed segments (local by default).
+
+    Example::
+
+        log = EventLog("var/log")
+        builder = PendingBatchBuilder()
+        builder.add("vehicle-7", 1, "c1/0", "VehicleRegistered", 1, now, "c1", "", "{...}")
+        [appended] = log.append_batch(builder.build())
+    """
+
+    def __init__(
+        self,
+        root: str,
+        partitions: int = 4,
+        seal_events: int = 500_000,
+        filesystem: pafs.FileSystem | None = None,
+    ) -> None:
+        self.root = root
+        self.seal_events = seal_events
+        self._fs = filesystem or pafs.LocalFileSystem()
+        os.makedirs(root, exist_ok=True)
+        self.partition_count = self._load_or_create_meta(partitions)
+        self._parts = [
+            _Partition(i, os.path.join(root, f"partition-{i:02d}"))
+            for i in range(self.partition_count)
+        ]
+        self._versions: dict[str, int] = {}
+        self._commands: dict[str, int] = {}
+        self._command_streams: dict[str, str] = {}
+        self._watermark = 0
+        self._state = threading.Condition()
+        self._recover()
+        self._next_position = self._watermark + 1
+        self._queue: queue.SimpleQueue[tuple[pa.RecordBatch, Future[list[AppendOutcome]]] | None]
+        self._queue = queue.SimpleQueue()
+        self._io = ThreadPoolExecutor(max_workers=self.partition_count, thread_name_prefix="fsync")
+        self._sealer = ThreadPoolExecutor(max_workers=1, thread_name_prefix="seal")
+        self._failed: BaseException | None = None
+        self._closed = False
+        self._writer = threading.Thread(target=self._commit_loop, name="log-writer", daemon=True)
+        self._writer.start()
+
+    # ------------------------------------------------------------------ appends
+
+    def append(
+        self,
+        stream_id: str,
+        events: Sequence[Event],
+        expected_version: int,
+        command_id: str,
+        occurred_at: datetime,
+        correlation_id: str = "",
+        metadata: str = "{}",
+    ) -> Appended:
+        """Append one command's events to one stream; raises `ConcurrencyError` if stale.
+
+        A `command_id` the log has seen returns the first acknowledgement
+        (`duplicate=True`) and writes nothing, whatever the events.
+        """
+        if not events:
+            raise ValueError("append needs at least one event")
+        builder = PendingBatchBuilder()
+        for i, event in enumerate(events):
+            builder.add(
+                stream_id,
+                expected_version + 1 + i,
+                f"{command_id}/{i}",
+                event.type_name(),
+                event.schema_version,
+                occurred_at,
+                command_id,
+                correlation_id,
+                event.model_dump_json(),
+                metadata,
+            )
+        [outcome] = self.append_batch(builder.build())
+        if isinstance(outcome, ConcurrencyError):
+            raise outcome
+        return outcome
+
+    def append_batch(self, batch: pa.RecordBatch) -> list[AppendOutcome]:
+        """Group-commit a batch of pending events (`PENDING_SCHEMA`), one outcome per command.
+
+        Rows of one command are contiguous and number their stream's versions
+        consecutively; the first row's version minus one is the expected version.
+        Blocks until every accepted event is durable.
+        """
+        return self.submit_batch(batch).result()
+
+    def submit_batch(self, batch: pa.RecordBatch) -> Future[list[AppendOutcome]]:
+        """Like `append_batch`, but returns at once with a future of the outcomes."""
+        if batch.schema != PENDING_SCHEMA:
+            raise ValueError(f"batch schema must be PENDING_SCHEMA, got {batch.schema}")
+        if self._closed:
+            raise LogClosed("the log is closed")
+        if self._failed is not None:
+            raise LogError(f"the log stopped accepting appends: {self._failed}")
+        _check_commands_are_contiguous(batch)
+        future: Future[list[AppendOutcome]] = Future()
+        self._queue.put((batch, future))
+        return future
+
+    def version(self, stream_id: str) -> int:
+        with self._state:
+            return self._versions.get(stream_id, 0)
+
+    @property
+    def watermark(self) -> int:
+        """The highest position readers may see; every position up to it is settled."""
+        with self._state:
+            return self._watermark
+
+    def close(self) -> None:
+        if self._closed:
+            return
+        self._closed = True
+        self._queue.put(None)
+        self._writer.join()
+        self._sealer.shutdown(wait=True)
+        self._io.shutdown(wait=True)
+        for part in self._parts:
+            if part.file is not None:
+                os.close(part.file)
+                part.file = None
+
+    def __enter__(self) -> EventLog:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    # ------------------------------------------------------------------ commit
+
+    def _commit_loop(self) -> None:
+        while True:
+            first = self._queue.get()
+            if first is None:
+                return
+            items = [first]
+            stop = False
+            while True:
+                try:
+                    nxt = self._queue.get_nowait()
+                except queue.Empty:
+                    break
+                if nxt is None:
+                    stop = True
+                    break
+                items.append(nxt)
+            try:
+                outcomes = self._commit(items)
+            except BaseException as exc:  # disk full, I/O error: nobody gets a false ack
+                self._failed = exc
+                for _, fut in items:
+                    fut.set_exception(LogError(f"append failed, nothing acknowledged: {exc}"))
+            else:
+                for (_, fut), result in zip(items, outcomes, strict=True):
+                    fut.set_result(result)
+            if stop:
+                return
+
+    def _commit(
+        self, items: list[tuple[pa.RecordBatch, Future[list[AppendOutcome]]]]
+    ) -> list[list[AppendOutcome]]:
+        versions: dict[str, int] = {}
+        new_commands: dict[str, int] = {}
+        new_streams: dict[str, str] = {}
+        outcomes: list[list[AppendOutcome]] = []
+        accepted_tables: list[pa.Table] = []
+        accepted_positions: list[np.ndarray] = []
+        position = self._next_position
+        for batch, _ in items:
+            results: list[AppendOutcome] = []
+            stream_ids = batch.column("stream_id").to_pylist()
+            cmd_ids = batch.column("command_id").to_pylist()
+            stream_versions = batch.column("stream_version").to_pylist()
+            take: list[int] = []
+            positions: list[int] = []
+            n = len(stream_ids)
+            i = 0
+            while i < n:
+                cmd, sid = cmd_ids[i], stream_ids[i]
+                j = i + 1
+                while j < n and cmd_ids[j] == cmd:
+                    j += 1
+                prior = new_commands.get(cmd)
+                if prior is None:
+                    prior = self._commands.get(cmd)
+                if prior is not None:
+                    results.append(self._duplicate(cmd, prior))
+                    i = j
+                    continue
+                current = versions.get(sid)
+                if current is None:
+                    current = self._versions.get(sid, 0)
+                expected = stream_versions[i] - 1
+                if expected != current:
+                    results.append(ConcurrencyError(sid, expected, current))
+                    i = j
+                    continue
+                count = j - i
+                take.extend(range(i, j))
+                positions.extend(range(position, position + count))
+                new_commands[cmd] = (position << _COUNT_BITS) | count
+                new_streams[cmd] = sid
+                versions[sid] = current + count
+                results.append(Appended(cmd, sid, position, count))
+                position += count
+                i = j
+            outcomes.append(results)
+            if take:
+                table = pa.Table.from_batches([batch])
+                if len(take) != n:
+                    table = table.take(pa.array(take, pa.int64()))
+                accepted_tables.append(table)
+                accepted_positions.append(np.asarray(positions, dtype=np.int64))
+        if accepted_tables:
+            self._write(accepted_tables, accepted_positions)
+        with self._state:
+            self._versions.update(versions)
+            self._commands.update(new_commands)
+            self._command_streams.update(new_streams)
+            self._next_position = position
+            self._watermark = position - 1
+            self._state.notify_all()
+        return outcomes
+
+    def _duplicate(self, cmd: str, packed: int) -> Appended:
+        return Appended(
+            cmd,
+            self._command_streams.get(cmd, ""),
+            packed >> _COUNT_BITS,
+            packed & ((1 << _COUNT_BITS) - 1),
+            duplicate=True,
+        )
+
+    def _write(self, tables: list[pa.Table], positions: list[np.ndarray]) -> None:
+        pending = pa.concat_tables(tables) if len(tables) > 1 else tables[0]
+        pos = np.concatenate(positions)
+        part_of_row = pending.column("stream_hash").to_numpy() % self.partition_count
+        frames: list[tuple[_Partition, pa.RecordBatch]] = []
+        for part in self._parts:
+            rows = np.flatnonzero(part_of_row == part.index)
+            if rows.size == 0:
+                continue
+            sub = pending.take(pa.array(rows)) if rows.size != pending.num_rows else pending
+            frames.append((part, self._records(part, sub, pos[rows])))
+        writes = [self._io.submit(self._append_frame, part, batch) for part, batch in frames]
+        for w in writes:
+            w.result()
+        for part, batch in frames:
+            wal = part.active
+            wal.batches.append(batch)
+            wal.rows += batch.num_rows
+            wal.last_position = batch.column("position")[-1].as_py()
+            part.last_hash = batch.column("hash")[-1].as_py()
+            if wal.rows >= self.seal_events:
+                self._rotate(part)
+
+    def _records(
+        self, part: _Partition, pending: pa.Table, positions: np.ndarray
+    ) -> pa.RecordBatch:
+        bodies = pending.column("body").to_pylist()
+        prev_hashes: list[bytes] = []
+        hashes: list[bytes] = []
+        h = part.last_hash
+        for p, body in zip(positions.tolist(), bodies, strict=True):
+            prev_hashes.append(h)
+            h = chained_hash(h, p, body)
+            hashes.append(h)
+        n = pending.num_rows
+        columns = {
+            "position": pa.array(positions, pa.int64()),
+            "partition": pa.array(np.full(n, part.index, dtype=np.int32)),
+            "prev_hash": pa.array(prev_hashes, pa.binary(HASH_BYTES)),
+            "hash": pa.array(hashes, pa.binary(HASH_BYTES)),
+        }
+        arrays = [
+            columns[f.name] if f.name in columns else pending.column(f.name).combine_chunks()
+            for f in RECORD_SCHEMA
+        ]
+        return pa.RecordBatch.from_arrays(arrays, schema=RECORD_SCHEMA)
+
+    @staticmethod
+    def _append_frame(part: _Partition, batch: pa.RecordBatch) -> None:
+        assert part.file is not None
+        os.write(part.file, encode_frame(batch))
+        os.fsync(part.file)
+
+    # ------------------------------------------------------------------ sealing
+
+    def _rotate(self, part: _Partition) -> None:
+        """Start a new write-ahead file and seal the full one to Parquet in the background."""
+        full = part.active
+        self._open_wal(part, full.last_position + 1)
+        self._sealer.submit(self._seal, part, full)
+
+    def _seal(self, part: _Partition, wal: _Wal) -> None:
+        table = pa.Table.from_batches(wal.batches, schema=RECORD_SCHEMA)
+        first = int(table.column("position")[0].as_py())
+        last = int(table.column("position")[-1].as_py())
+        name = f"seg-{first:020d}-{last:020d}.parquet"
+        tmp = os.path.join(part.path, name + ".tmp")
+        pq.write_table(table, tmp, compression="zstd", row_group_size=128 * 1024)
+        fd = os.open(tmp, os.O_RDONLY)
+        os.fsync(fd)
+        os.close(fd)
+        os.replace(tmp, os.path.join(part.path, name))
+        segment = _Segment(name, first, last, table.num_rows, table.column("hash")[-1].as_py())
+        with self._state:
+            segments = [*part.segments, segment]
+            self._write_manifest(part, segments)
+            part.segments = segments
+            part.wals.remove(wal)
+        os.remove(wal.path)
+        fsync_dir(part.path)
+
+    def _write_manifest(self, part: _Partition, segments: list[_Segment]) -> None:
+        doc = {
+            "format": _FORMAT,
+            "segments": [
+                {
+                    "file": s.file,
+                    "first_position": s.first_position,
+                    "last_position": s.last_position,
+                    "count": s.count,
+                    "last_hash": s.last_hash.hex(),
+                }
+                for s in segments
+            ],
+        }
+        path = os.path.join(part.path, "manifest.json")
+        with open(path + ".tmp", "w") as f:
+            json.dump(doc, f, indent=1)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(path + ".tmp", path)
+        fsync_dir(part.path)
+
+    def _open_wal(self, part: _Partition, first_position: int) -> None:
+        path = os.path.join(part.path, f"wal-{first_position:020d}.log")
+        if part.file is not None:
+            os.close(part.file)
+        part.file = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o644)
+        fsync_dir(part.path)
+        part.wals.append(_Wal(path, first_position))
+
+    # ------------------------------------------------------------------ recovery
+
+    def _load_or_create_meta(self, partitions: int) -> int:
+        path = os.path.join(self.root, "log.json")
+        if os.path.exists(path):
+            with open(path) as f:
+                meta = json.load(f)
+            if meta.get("format") != _FORMAT:
+                raise LogCorrupted(f"{path}: unknown log format {meta.get('format')!r}")
+            return int(meta["partitions"])
+        if partitions < 1:
+            raise ValueError("partitions must be >= 1")
+        with open(path + ".tmp", "w") as f:
+            json.dump({"format": _FORMAT, "partitions": partitions}, f)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(path + ".tmp", path)
+        fsync_dir(self.root)
+        return partitions
+
+    def _recover(self) -> None:
+        index_parts: list[pa.Table] = []
+        for part in self._parts:
+            os.makedirs(part.path, exist_ok=True)
+            self._recover_partition(part)
+            index_parts.append(self._index_columns(part))
+        index = pa.concat_tables(index_parts) if index_parts else None
+        if index is None or index.num_rows == 0:
+            self._watermark = 0
+            return
+        self._watermark = int(pc.max(index.column("position")).as_py())
+        by_stream = index.group_by("stream_id").aggregate([("stream_version", "max")])
+        self._versions = dict(
+            zip(
+                by_stream.column("stream_id").to_pylist(),
+                by_stream.column("stream_version_max").to_pylist(),
+                strict=True,
+            )
+        )
+        by_cmd = index.group_by("command_id").aggregate(
+            [("position", "min"), ("position", "count"), ("stream_id", "min")]
+        )
+        cmds = by_cmd.column("command_id").to_pylist()
+        packed = (by_cmd.column("position_min").to_numpy() << _COUNT_BITS) | by_cmd.column(
+            "position_count"
+        ).to_numpy()
+        self._commands = dict(zip(cmds, packed.tolist(), strict=True))
+        self._command_streams = dict(
+            zip(cmds, by_cmd.column("stream_id_min").to_pylist(), strict=True)
+        )
+
+    def _recover_partition(self, part: _Partition) -> None:
+        manifest = os.path.join(part.path, "manifest.json")
+        listed: set[str] = set()
+        if os.path.exists(manifest):
+            with open(manifest) as f:
+                doc = json.load(f)
+            for s in doc["segments"]:
+                seg = _Segment(
+                    s["file"],
+                    s["first_position"],
+                    s["last_position"],
+                    s["count"],
+                    bytes.fromhex(s["last_hash"]),
+                )
+                if not os.path.exists(os.path.join(part.path, seg.file)):
+                    raise LogCorrupted(f"{part.path}: sealed segment {seg.file} is missing")
+                part.segments.append(seg)
+                listed.add(seg.file)
+        for name in sorted(os.listdir(part.path)):
+            # A crash while sealing leaves a temporary or unlisted segment whose events
+            # are still in the write-ahead file: drop it, the next seal writes it again.
+            if name.endswith(".tmp") or (name.startswith("seg-") and name not in listed):
+                os.remove(os.path.join(part.path, name))
+        wal_names = sorted(n for n in os.listdir(part.path) if n.startswith("wal-"))
+        sealed = part.sealed_through
+        part.last_hash = part.segments[-1].last_hash if part.segments else GENESIS_HASH
+        for k, name in enumerate(wal_names):
+            path = os.path.join(part.path, name)
+            result = scan(path)
+            if result.torn:
+                if k != len(wal_names) - 1:
+                    raise LogCorrupted(f"{path}: damaged frame in a write-ahead file that was full")
+                with open(path, "r+b") as f:  # the torn tail was never acknowledged
+                    f.truncate(result.good_bytes)
+                    f.flush()
+                    os.fsync(f.fileno())
+            batches = [b for b in result.batches if b.num_rows]
+            kept = []
+            for b in batches:
+                mask = pc.greater(b.column("position"), sealed)
+                b = b.filter(mask)
+                if b.num_rows:
+                    kept.append(b)
+            first = int(name[4:-4])
+            wal = _Wal(path, first, kept, sum(b.num_rows for b in kept))
+            if kept:
+                wal.last_position = int(kept[-1].column("position")[-1].as_py())
+                part.last_hash = kept[-1].column("hash")[-1].as_py()
+            if not kept and k != len(wal_names) - 1:
+                os.remove(path)  # fully sealed before the crash
+                continue
+            part.wals.append(wal)
+        if part.wals:
+            part.file = os.open(part.wals[-1].path, os.O_WRONLY | os.O_APPEND)
+        else:
+            self._open_wal(part, sealed + 1)
+        # a fully sealed but undeleted WAL at the end just continues to be written
+
+    def _index_columns(self, part: _Partition) -> pa.Table:
+        cols = ["position", "stream_id", "stream_version", "command_id"]
+        tables = [
+            pq.read_table(self._segment_path(part, s), columns=cols, filesystem=self._fs)
+            for s in part.segments
+        ]
+        tables += [pa.Table.from_batches(w.batches, RECORD_SCHEMA).select(cols) for w in part.wals]
+        if not tables:
+            return RECORD_SCHEMA.empty_table().select(cols)
+        return pa.concat_tables(tables)
+
+    def _segment_path(self, part: _Partition, seg: _Segment) -> str:
+        return os.path.join(part.path, seg.file)
+
+    # ------------------------------------------------------------------ reads
+
+    def read_all(
+        self,
+        from_position: int = 1,
+        to_position: int | None = None,
+        columns: Sequence[str] | None = None,
+        shard: tuple[int, int] | None = None,
+        partition: int | None = None,
+    ) -> pa.Table:
+        """Events with from_position <= position <= to_position (default: the watermark).
+
+        `shard=(index, count)` keeps streams with `stream_hash % count == index`,
+        which is how entity hosts load the streams they own.
+        """
+        with self._state:
+            upper = self._watermark if to_position is None else min(to_position, self._watermark)
+            plan = [
+                (part, list(part.segments), [(w, list(w.batches)) for w in part.wals])
+                for part in self._parts
+            ]
+        tables: list[pa.Table] = []
+        if upper >= from_position:
+            for part, segments, wals in plan:
+                if partition is not None and part.index != partition:
+                    continue
+                for seg in segments:
+                    if seg.last_position < from_position or seg.first_position > upper:
+                        continue
+                    t = pq.read_table(
+                        self._segment_path(part, seg),
+                        filesystem=self._fs,
+                        filters=[("position", ">=", from_position), ("position", "<=", upper)],
+                    )
+                    tables.append(t.cast(RECORD_SCHEMA))
+                for _wal, batches in wals:
+                    if batches:
+                        tables.append(pa.Table.from_batches(batches, RECORD_SCHEMA))
+        if not tables:
+            table = RECORD_SCHEMA.empty_table()
+        else:
+            table = pa.concat_tables(tables)
+            pos = table.column("position")
+            table = table.filter(
+                pc.and_(pc.greater_equal(pos, from_position), pc.less_equal(pos, upper))
+            )
+        if shard is not None:
+            index, count = shard
+            hashes = table.column("stream_hash").to_numpy()
+            table = table.filter(pa.array(hashes % count == index))
+        table = table.sort_by("position")
+        return table.select(list(columns)) if columns else table
+
+    def read_stream(self, stream_id: str, from_version: int = 1) -> list[RecordedEvent]:
+        table = self.read_all(partition=stream_hash(stream_id) % self.partition_count)
+        mask = pc.and_(
+            pc.equal(table.column("stream_id"), stream_id),
+            pc.greater_equal(table.column("stream_version"), from_version),
+        )
+        return to_recorded(table.filter(mask))
+
+    def wait_for(self, after_position: int, timeout_s: float) -> int:
+        """Block until the watermark passes `after_position` or time is up; return the watermark."""
+        with self._state:
+            self._state.wait_for(lambda: self._watermark > after_position, timeout=timeout_s)
+            return self._watermark
+
+    def subscribe(
+        self, from_position: int = 1, poll_s: float = 0.5, stop: threading.Event | None = None
+    ) -> Iterator[pa.Table]:
+        """Yield tables of new events in order, forever (or until `stop` is set)."""
+        nxt = from_position
+        while stop is None or not stop.is_set():
+            mark = self.wait_for(nxt - 1, poll_s)
+            if mark >= nxt:
+                table = self.read_all(nxt, mark)
+                nxt = mark + 1
+                if table.num_rows:
+                    yield table
+
+    def sealed_segment_paths(self) -> list[str]:
+        with self._state:
+            return [self._segment_path(p, s) for p in self._parts for s in p.segments]
+
+    def flush_seals(self) -> None:
+        """Wait until every full write-ahead file has been sealed (tests, benchmarks, shutdown)."""
+        self._sealer.submit(lambda: None).result()
+
+
+def _check_commands_are_contiguous(batch: pa.RecordBatch) -> None:
+    """Refuse, before it is queued, a batch the commit round could not judge per command."""
+    cmd_ids = batch.column("command_id").to_pylist()
+    stream_ids = batch.column("stream_id").to_pylist()
+    versions = batch.column("stream_version").to_pylist()
+    seen: set[str] = set()
+    for k, cmd in enumerate(cmd_ids):
+        if k and cmd == cmd_ids[k - 1]:
+            if stream_ids[k] != stream_ids[k - 1] or versions[k] != versions[k - 1] + 1:
+                raise ValueError(
+                    f"command {cmd!r}: its events must be on one stream, with consecutive versions"
+                )
+            continue
+        if cmd in seen:
+            raise ValueError(f"command {cmd!r}: its events must be contiguous in the batch")
+        seen.add(cmd)
+        if versions[k] < 1:
+            raise ValueError(f"command {cmd!r}: stream versions start at 1")
+
+
+def to_recorded(table: pa.Table) -> list[RecordedEvent]:
+    rows = table.to_pylist()
+    return [RecordedEvent.model_validate(r) for r in rows]
+
+
+def open_log(root: str, **kwargs: object) -> EventLog:
+    return EventLog(root, **kwargs)  # type: ignore[arg-type]
+
+
+@contextlib.contextmanager
+def opened(root: str, **kwargs: object) -> Iterator[EventLog]:
+    log = open_log(root, **kwargs)
+    try:
+        yield log
+    finally:
+        log.close()

@@ -1,0 +1,137 @@
+"""The log's promises, told as stories: durable, idempotent, ordered, one writer per stream."""
+
+from __future__ import annotations
+
+import threading
+
+import pytest
+
+from events.log import ConcurrencyError, EventLog
+from events.schema import PendingBatchBuilder
+from tests.events.conftest import T0, Pinged
+
+
+@pytest.fixture
+def log(tmp_path):
+    with EventLog(str(tmp_path / "log"), partitions=3, seal_events=50) as log:
+        yield log
+
+
+def test_an_append_is_numbered_and_readable_back(log):
+    first = log.append("vehicle-1", [Pinged(n=1), Pinged(n=2)], 0, "cmd-1", T0)
+    second = log.append("vehicle-2", [Pinged(n=3)], 0, "cmd-2", T0)
+
+    assert first.positions == (1, 2)
+    assert second.positions == (3,)
+    assert [e.event() for e in log.read_stream("vehicle-1")] == [Pinged(n=1), Pinged(n=2)]
+    assert [e.stream_version for e in log.read_stream("vehicle-1")] == [1, 2]
+    assert log.version("vehicle-1") == 2
+
+
+def test_a_repeated_command_returns_the_first_answer_and_writes_nothing(log):
+    first = log.append("vehicle-1", [Pinged(n=1)], 0, "cmd-1", T0)
+    again = log.append("vehicle-1", [Pinged(n=99)], 0, "cmd-1", T0)
+
+    assert again.duplicate and again.positions == first.positions
+    assert again.stream_id == "vehicle-1"
+    assert log.read_all().num_rows == 1
+
+
+def test_a_stale_writer_gets_a_concurrency_error_and_nothing_is_written(log):
+    log.append("vehicle-1", [Pinged(n=1)], 0, "cmd-1", T0)
+
+    with pytest.raises(ConcurrencyError, match="at version 1, but the append expected version 0"):
+        log.append("vehicle-1", [Pinged(n=2)], 0, "cmd-2", T0)
+    assert log.read_all().num_rows == 1
+
+
+def test_one_batch_answers_each_command_on_its_own(log):
+    log.append("vehicle-1", [Pinged(n=1)], 0, "cmd-1", T0)
+    builder = PendingBatchBuilder()
+    builder.add("vehicle-1", 1, "cmd-2/0", "Pinged", 1, T0, "cmd-2", "", '{"n":2}')  # stale
+    builder.add("vehicle-2", 1, "cmd-3/0", "Pinged", 1, T0, "cmd-3", "", '{"n":3}')
+    builder.add("vehicle-2", 2, "cmd-3/1", "Pinged", 1, T0, "cmd-3", "", '{"n":4}')
+    builder.add("vehicle-9", 1, "cmd-1/0", "Pinged", 1, T0, "cmd-1", "", '{"n":5}')  # repeat
+
+    stale, fresh, repeat = log.append_batch(builder.build())
+
+    assert isinstance(stale, ConcurrencyError)
+    assert fresh.positions == (2, 3)
+    assert repeat.duplicate and repeat.positions == (1,)
+    assert log.read_all().column("command_id").to_pylist() == ["cmd-1", "cmd-3", "cmd-3"]
+
+
+def test_concurrent_appends_are_group_committed_without_loss(log):
+    def writer(w: int) -> None:
+        for i in range(40):
+            log.append(f"vehicle-{w}", [Pinged(n=i)], i, f"w{w}-{i}", T0)
+
+    threads = [threading.Thread(target=writer, args=(w,)) for w in range(6)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+
+    table = log.read_all()
+    assert table.num_rows == 240
+    assert table.column("position").to_pylist() == list(range(1, 241))
+    for w in range(6):
+        assert [e.event().n for e in log.read_stream(f"vehicle-{w}")] == list(range(40))
+
+
+def test_everything_survives_a_reopen_including_sealed_segments(tmp_path):
+    root = str(tmp_path / "log")
+    with EventLog(root, partitions=2, seal_events=10) as log:
+        for i in range(60):
+            log.append(f"vehicle-{i % 5}", [Pinged(n=i)], i // 5, f"cmd-{i}", T0)
+        log.flush_seals()
+        assert log.sealed_segment_paths(), "small seal size must have sealed segments"
+        before = log.read_all()
+
+    with EventLog(root) as reopened:
+        assert reopened.read_all().equals(before)
+        assert reopened.version("vehicle-3") == 12
+        assert reopened.append("vehicle-3", [Pinged(n=0)], 11, "cmd-3", T0).duplicate
+        nxt = reopened.append("vehicle-3", [Pinged(n=60)], 12, "cmd-60", T0)
+        assert nxt.positions == (61,)
+
+
+def test_reads_from_a_position_and_subscribers_wait_for_new_events(log):
+    for i in range(5):
+        log.append("vehicle-1", [Pinged(n=i)], i, f"cmd-{i}", T0)
+    assert log.read_all(from_position=4).column("position").to_pylist() == [4, 5]
+
+    stop = threading.Event()
+    received: list[int] = []
+
+    def consume() -> None:
+        for table in log.subscribe(from_position=6, poll_s=0.05, stop=stop):
+            received.extend(table.column("position").to_pylist())
+            if len(received) >= 3:
+                stop.set()
+
+    consumer = threading.Thread(target=consume)
+    consumer.start()
+    for i in range(5, 8):
+        log.append("vehicle-1", [Pinged(n=i)], i, f"cmd-{i}", T0)
+    consumer.join(timeout=5)
+    assert received == [6, 7, 8]
+
+
+def test_shard_reads_keep_only_the_streams_a_host_owns(log):
+    for i in range(20):
+        log.append(f"vehicle-{i}", [Pinged(n=i)], 0, f"cmd-{i}", T0)
+    shards = [log.read_all(shard=(k, 3)) for k in range(3)]
+    assert sum(t.num_rows for t in shards) == 20
+    owned = [set(t.column("stream_id").to_pylist()) for t in shards]
+    assert not (owned[0] & owned[1]) and not (owned[1] & owned[2])
+
+
+def test_a_batch_whose_command_spans_two_streams_is_refused(log):
+    builder = PendingBatchBuilder()
+    builder.add("vehicle-1", 1, "c/0", "Pinged", 1, T0, "c", "", '{"n":1}')
+    builder.add("vehicle-2", 1, "c/1", "Pinged", 1, T0, "c", "", '{"n":1}')
+    with pytest.raises(Exception, match="on one stream, with consecutive versions"):
+        log.append_batch(builder.build())
+    # and the log still takes good appends afterwards
+    assert log.append("vehicle-1", [Pinged(n=1)], 0, "d", T0).positions == (1,)
