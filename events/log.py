@@ -245,6 +245,16 @@ class EventLog:
         self._queue.put((batch, future))
         return future
 
+    def lookup_commands(self, command_ids: Sequence[str]) -> dict[str, Appended]:
+        """The first acknowledgement of each command the log has recorded (others are absent)."""
+        found: dict[str, Appended] = {}
+        with self._state:
+            for cmd in command_ids:
+                packed = self._commands.get(cmd)
+                if packed is not None:
+                    found[cmd] = self._duplicate(cmd, packed)
+        return found
+
     def version(self, stream_id: str) -> int:
         with self._state:
             return self._versions.get(stream_id, 0)

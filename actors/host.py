@@ -1,0 +1,337 @@
+"""The generic entity host: runs one decider for a shard of entities over the log.
+
+A plain class, unit-tested without Ray; `cluster.runtime` makes it a Ray actor in
+one place. Per batch of commands it runs, for each command in order,
+decide → (tentative) evolve, then appends all the batch's events in one log call
+with each stream's expected version, and keeps the new states only for what the
+log acknowledged.
+
+A restart re-runs the constructor, which replays the shard's streams from the log
+(from a snapshot when one exists), so the host holds no state the log does not.
+Idempotency is the log's: a `command_id` it has recorded is answered with the
+first result, including after a restart and for Ray's retried calls.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Any, Protocol
+
+import pyarrow as pa
+import pyarrow.compute as pc
+from pydantic import ValidationError
+
+from actors.decider import CommandRejected, CommandResult, Decider
+from events.base import Command, Event, load_event
+from events.log import Appended, AppendOutcome, ConcurrencyError
+from events.schema import PendingBatchBuilder, stream_hash
+
+
+class LogPort(Protocol):
+    """What a host needs of the log (the `EventLog` itself, or its Ray actor)."""
+
+    def append_batch(self, batch: pa.RecordBatch) -> list[AppendOutcome]: ...
+
+    def lookup_commands(self, command_ids: Sequence[str]) -> dict[str, Appended]: ...
+
+    def read_all(
+        self,
+        from_position: int = 1,
+        to_position: int | None = None,
+        columns: Sequence[str] | None = None,
+        shard: tuple[int, int] | None = None,
+        partition: int | None = None,
+    ) -> pa.Table: ...
+
+
+@dataclass(frozen=True, slots=True)
+class Shard:
+    index: int = 0
+    count: int = 1
+
+    def owns(self, stream_id: str) -> bool:
+        return stream_hash(stream_id) % self.count == self.index
+
+
+class EntityHost:
+    """Hosts every entity of one kind whose stream hashes to this shard.
+
+    Args:
+        decider: the entity kind's pure functions.
+        log: the event log (or a port to it).
+        shard: which slice of the entities this host owns.
+        snapshot_dir: where snapshots live; `None` disables them.
+    """
+
+    def __init__(
+        self,
+        decider: Decider[Any],
+        log: LogPort,
+        shard: Shard = Shard(),
+        snapshot_dir: str | None = None,
+    ) -> None:
+        self.decider = decider
+        self.log = log
+        self.shard = shard
+        self._prefix = f"{decider.kind}-"
+        self._snapshot_path = (
+            os.path.join(snapshot_dir, f"{decider.kind}-{shard.index}-of-{shard.count}.json")
+            if snapshot_dir
+            else None
+        )
+        self._states: dict[str, Any] = {}  # stream id -> state
+        self._versions: dict[str, int] = {}
+        self.position = 0  # the last log position folded into the states
+        self._recover()
+
+    # ---------------------------------------------------------------- commands
+
+    def handle(self, commands: Sequence[Command]) -> list[CommandResult]:
+        """Decide and record a batch of commands; one result per command, in order."""
+        results: list[CommandResult | None] = [None] * len(commands)
+        known = self.log.lookup_commands([c.command_id for c in commands])
+        builder = PendingBatchBuilder()
+        tentative: dict[str, tuple[Any, int]] = {}  # stream -> (state, version) after the batch
+        appended: list[tuple[int, Command, list[Event]]] = []
+        seen_in_batch: set[str] = set()
+        for i, command in enumerate(commands):
+            problem = self._misrouted(command)
+            if problem:
+                results[i] = self._rejected(command, problem)
+                continue
+            first = known.get(command.command_id)
+            if first is not None or command.command_id in seen_in_batch:
+                results[i] = self._repeat(command, first)
+                continue
+            sid = command.stream_id
+            state, version = tentative.get(sid) or (self._state(sid), self._versions.get(sid, 0))
+            try:
+                events = self.decider.decide(command, state)
+            except CommandRejected as exc:
+                results[i] = self._rejected(command, exc.reason)
+                continue
+            except ValidationError as exc:
+                results[i] = self._rejected(command, _validation_reason(exc))
+                continue
+            seen_in_batch.add(command.command_id)
+            if not events:
+                results[i] = CommandResult(
+                    command_id=command.command_id, stream_id=sid, status="unchanged"
+                )
+                continue
+            for k, event in enumerate(events):
+                state = self.decider.evolve(state, event)
+                builder.add(
+                    sid,
+                    version + 1 + k,
+                    f"{command.command_id}/{k}",
+                    event.type_name(),
+                    event.schema_version,
+                    command.issued_at,
+                    command.command_id,
+                    command.correlation_id,
+                    event.model_dump_json(),
+                )
+            tentative[sid] = (state, version + len(events))
+            appended.append((i, command, events))
+        if appended:
+            outcomes = self.log.append_batch(builder.build())
+            self._settle(appended, outcomes, tentative, results)
+        return [r for r in results if r is not None]
+
+    def _settle(
+        self,
+        appended: list[tuple[int, Command, list[Event]]],
+        outcomes: list[AppendOutcome],
+        tentative: dict[str, tuple[Any, int]],
+        results: list[CommandResult | None],
+    ) -> None:
+        stale: set[str] = set()
+        for (i, command, events), outcome in zip(appended, outcomes, strict=True):
+            sid = command.stream_id
+            if isinstance(outcome, ConcurrencyError):
+                stale.add(sid)
+                results[i] = self._rejected(command, str(outcome))
+            elif outcome.duplicate:  # another incarnation of this host recorded it first
+                stale.add(sid)
+                results[i] = self._repeat(command, outcome)
+            else:
+                results[i] = CommandResult(
+                    command_id=command.command_id,
+                    stream_id=sid,
+                    status="recorded",
+                    positions=outcome.positions,
+                    event_types=tuple(e.type_name() for e in events),
+                )
+                self.position = max(self.position, outcome.positions[-1])
+        for sid, (state, version) in tentative.items():
+            if sid not in stale:
+                self._states[sid] = state
+                self._versions[sid] = version
+        for sid in stale:
+            self._reload(sid)
+
+    def _misrouted(self, command: Command) -> str:
+        if not isinstance(command, self.decider.command_types):
+            return f"{type(command).__name__} is not a {self.decider.kind} command"
+        if not self.shard.owns(command.stream_id):
+            owner = stream_hash(command.stream_id) % self.shard.count
+            here = f"{self.shard.index} of {self.shard.count}"
+            return f"{command.stream_id} belongs to shard {owner}, not to this one ({here})"
+        return ""
+
+    @staticmethod
+    def _rejected(command: Command, reason: str) -> CommandResult:
+        try:
+            sid = command.stream_id
+        except Exception:
+            sid = ""
+        return CommandResult(
+            command_id=command.command_id, stream_id=sid, status="rejected", reason=reason
+        )
+
+    def _repeat(self, command: Command, first: Appended | None) -> CommandResult:
+        if first is None:  # the same id twice within one batch: the first one counts
+            return CommandResult(
+                command_id=command.command_id,
+                stream_id=command.stream_id,
+                status="rejected",
+                reason="command_id repeated within the batch",
+            )
+        recorded = self.log.read_all(
+            first.first_position, first.positions[-1], columns=["command_id", "type"]
+        )
+        types = tuple(
+            t
+            for c, t in zip(
+                recorded.column("command_id").to_pylist(),
+                recorded.column("type").to_pylist(),
+                strict=True,
+            )
+            if c == command.command_id
+        )
+        return CommandResult(
+            command_id=command.command_id,
+            stream_id=first.stream_id,
+            status="recorded",
+            positions=first.positions,
+            event_types=types,
+            duplicate=True,
+        )
+
+    # ------------------------------------------------------------------ state
+
+    def state(self, entity_id: str) -> Any:
+        return self._state(self.decider.stream_id(entity_id))
+
+    def _state(self, stream_id: str) -> Any:
+        state = self._states.get(stream_id)
+        if state is None:
+            state = self.decider.initial_state(stream_id[len(self._prefix) :])
+        return state
+
+    def entity_count(self) -> int:
+        return len(self._states)
+
+    def _recover(self) -> None:
+        start = self._load_snapshot()
+        table = self.log.read_all(
+            from_position=start + 1,
+            columns=[
+                "position",
+                "stream_id",
+                "stream_version",
+                "type",
+                "schema_version",
+                "payload",
+            ],
+            shard=(self.shard.index, self.shard.count),
+        )
+        self._fold(table)
+
+    def _fold(self, table: pa.Table) -> None:
+        mine = table.filter(pc.starts_with(table.column("stream_id"), self._prefix))
+        if mine.num_rows == 0:
+            if table.num_rows:
+                self.position = max(self.position, table.column("position")[-1].as_py())
+            return
+        sids = mine.column("stream_id").to_pylist()
+        versions = mine.column("stream_version").to_pylist()
+        types = mine.column("type").to_pylist()
+        schema_versions = mine.column("schema_version").to_pylist()
+        payloads = mine.column("payload").to_pylist()
+        evolve = self.decider.evolve
+        states = self._states
+        for sid, version, type_name, schema_version, payload in zip(
+            sids, versions, types, schema_versions, payloads, strict=True
+        ):
+            state = states.get(sid)
+            if state is None:
+                state = self.decider.initial_state(sid[len(self._prefix) :])
+            states[sid] = evolve(state, load_event(type_name, schema_version, payload))
+            self._versions[sid] = version
+        self.position = max(self.position, table.column("position")[-1].as_py())
+
+    def _reload(self, stream_id: str) -> None:
+        self._states.pop(stream_id, None)
+        self._versions.pop(stream_id, None)
+        table = self.log.read_all(
+            columns=[
+                "position",
+                "stream_id",
+                "stream_version",
+                "type",
+                "schema_version",
+                "payload",
+            ],
+            partition=None,
+            shard=(self.shard.index, self.shard.count),
+        )
+        self._fold(table.filter(pc.equal(table.column("stream_id"), stream_id)))
+
+    # -------------------------------------------------------------- snapshots
+
+    def snapshot(self) -> int:
+        """Write every state and the position it reflects; a restart then folds only what follows.
+
+        Returns the position the snapshot reflects.
+        """
+        if self._snapshot_path is None:
+            raise RuntimeError("this host has no snapshot folder")
+        lines = [json.dumps({"position": self.position, "kind": self.decider.kind})]
+        lines.extend(
+            json.dumps({"s": sid, "v": self._versions[sid], "state": state.model_dump(mode="json")})
+            for sid, state in self._states.items()
+        )
+        os.makedirs(os.path.dirname(self._snapshot_path), exist_ok=True)
+        tmp = self._snapshot_path + ".tmp"
+        with open(tmp, "w") as f:
+            f.write("\n".join(lines))
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, self._snapshot_path)
+        return self.position
+
+    def _load_snapshot(self) -> int:
+        if self._snapshot_path is None or not os.path.exists(self._snapshot_path):
+            return 0
+        state_type = self.decider.state_type
+        with open(self._snapshot_path) as f:
+            header = json.loads(f.readline())
+            for line in f:
+                row = json.loads(line)
+                self._states[row["s"]] = state_type.model_validate(row["state"])
+                self._versions[row["s"]] = row["v"]
+        self.position = int(header["position"])
+        return self.position
+
+
+def _validation_reason(exc: ValidationError) -> str:
+    parts = []
+    for err in exc.errors():
+        field = ".".join(str(p) for p in err["loc"]) or "command"
+        parts.append(f"{field}: {err['msg']}")
+    return "; ".join(parts)

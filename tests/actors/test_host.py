@@ -1,0 +1,115 @@
+"""The generic host, without Ray: decide → append → evolve, idempotent, restartable."""
+
+from __future__ import annotations
+
+import pytest
+
+from actors.host import EntityHost, Shard
+from events.log import EventLog
+from tests.actors.counter import COUNTER, Add, OpenCounter
+from tests.events.conftest import T0
+
+
+def cmd(cls, command_id, **fields):
+    return cls(command_id=command_id, issued_at=T0, **fields)
+
+
+@pytest.fixture
+def log(tmp_path):
+    with EventLog(str(tmp_path / "log"), partitions=2) as log:
+        yield log
+
+
+def test_commands_become_events_and_state(log):
+    host = EntityHost(COUNTER, log)
+    results = host.handle(
+        [
+            cmd(OpenCounter, "c1", counter_id="a"),
+            cmd(Add, "c2", counter_id="a", amount=5),
+            cmd(Add, "c3", counter_id="a", amount=2),
+        ]
+    )
+    assert [r.status for r in results] == ["recorded"] * 3
+    assert results[2].event_types == ("Added",)
+    assert host.state("a").total == 7
+    assert [e.stream_version for e in log.read_stream("counter-a")] == [1, 2, 3]
+
+
+def test_a_repeated_command_gets_the_first_answer_and_no_new_event(log):
+    host = EntityHost(COUNTER, log)
+    host.handle([cmd(OpenCounter, "c1", counter_id="a")])
+    [first] = host.handle([cmd(Add, "c2", counter_id="a", amount=5)])
+    [again] = host.handle([cmd(Add, "c2", counter_id="a", amount=5)])
+
+    assert again.duplicate and again.positions == first.positions
+    assert again.event_types == ("Added",)
+    assert host.state("a").total == 5
+    assert log.read_all().num_rows == 2
+
+
+def test_invalid_and_unknown_are_rejected_with_a_reason_and_change_nothing(log):
+    host = EntityHost(COUNTER, log)
+    host.handle([cmd(OpenCounter, "c1", counter_id="a")])
+    results = host.handle(
+        [
+            cmd(Add, "c2", counter_id="zzz", amount=1),
+            cmd(Add, "c3", counter_id="a", amount=-5),
+        ]
+    )
+    assert [r.status for r in results] == ["rejected", "rejected"]
+    assert "unknown counter 'zzz'" in results[0].reason
+    assert "below zero" in results[1].reason
+    assert log.read_all().num_rows == 1
+
+
+def test_a_command_that_asks_for_what_already_is_changes_nothing(log):
+    host = EntityHost(COUNTER, log)
+    host.handle([cmd(OpenCounter, "c1", counter_id="a")])
+    [again] = host.handle([cmd(OpenCounter, "c2", counter_id="a")])
+    assert again.status == "unchanged"
+    assert log.read_all().num_rows == 1
+
+
+def test_a_restarted_host_replays_the_log_and_continues(log, tmp_path):
+    host = EntityHost(COUNTER, log)
+    host.handle([cmd(OpenCounter, "c1", counter_id="a"), cmd(Add, "c2", counter_id="a", amount=3)])
+
+    restarted = EntityHost(COUNTER, log)
+    assert restarted.state("a").total == 3
+    [again] = restarted.handle([cmd(Add, "c2", counter_id="a", amount=3)])
+    assert again.duplicate
+    [more] = restarted.handle([cmd(Add, "c3", counter_id="a", amount=4)])
+    assert more.status == "recorded" and restarted.state("a").total == 7
+
+
+def test_a_snapshot_restores_the_same_state(log, tmp_path):
+    snaps = str(tmp_path / "snapshots")
+    host = EntityHost(COUNTER, log, snapshot_dir=snaps)
+    host.handle([cmd(OpenCounter, "c1", counter_id="a"), cmd(Add, "c2", counter_id="a", amount=3)])
+    host.snapshot()
+    host.handle([cmd(Add, "c3", counter_id="a", amount=4)])
+
+    restored = EntityHost(COUNTER, log, snapshot_dir=snaps)
+    assert restored.state("a").total == 7
+    assert restored.position == host.position
+
+
+def test_two_hosts_for_one_stream_cannot_interleave(log):
+    one = EntityHost(COUNTER, log)
+    one.handle([cmd(OpenCounter, "c1", counter_id="a")])
+    two = EntityHost(COUNTER, log)  # a second controller with the same view
+    one.handle([cmd(Add, "c2", counter_id="a", amount=1)])
+
+    [late] = two.handle([cmd(Add, "c3", counter_id="a", amount=1)])
+    assert late.status == "rejected" and "another writer got there first" in late.reason
+    assert two.state("a").total == 1  # it reloaded the stream
+    [retry] = two.handle([cmd(Add, "c4", counter_id="a", amount=1)])
+    assert retry.status == "recorded" and two.state("a").total == 2
+
+
+def test_a_host_refuses_commands_for_another_shard(log):
+    hosts = [EntityHost(COUNTER, log, shard=Shard(i, 2)) for i in range(2)]
+    command = cmd(OpenCounter, "c1", counter_id="a")
+    answers = [h.handle([command])[0] for h in hosts]
+    assert sorted(a.status for a in answers) == ["recorded", "rejected"]
+    assert "belongs to shard" in next(a.reason for a in answers if a.status == "rejected")
