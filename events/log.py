@@ -71,6 +71,9 @@ class ConcurrencyError(LogError):
         self.expected_version = expected_version
         self.actual_version = actual_version
 
+    def __reduce__(self) -> tuple[type, tuple[str, int, int]]:  # crosses process boundaries
+        return (ConcurrencyError, (self.stream_id, self.expected_version, self.actual_version))
+
 
 class LogCorrupted(LogError):
     """The log cannot be opened as it is: a sealed part is damaged or missing."""

@@ -1,0 +1,270 @@
+"""Where the plain classes become Ray actors: the log service, the host shards, the router.
+
+This is the only module that wraps `EventLog` and `EntityHost` with `ray.remote`.
+Actors are named (namespace `v2gfleet`), so a client that connects by address
+finds them, and restartable: a killed host comes back, replays its streams from
+the log and answers Ray's retried call from the log's idempotency record, which
+makes Ray's at-least-once retry exactly-once in effect.
+"""
+
+from __future__ import annotations
+
+import os
+from collections import defaultdict
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+import pyarrow as pa
+import ray
+
+from actors.decider import CommandResult, Decider
+from actors.host import EntityHost, Shard
+from events.base import Command
+from events.log import Appended, AppendOutcome, EventLog
+from events.schema import stream_hash
+
+NAMESPACE = "v2gfleet"
+
+
+def default_deciders() -> list[Decider[Any]]:
+    from actors.vehicle import VEHICLE
+
+    return [VEHICLE]
+
+
+class LogService:
+    """The event log as a service: one process is the single writer of every partition.
+
+    Calls run in a thread pool (`max_concurrency`), so appends from many hosts meet
+    in the log's group commit.
+    """
+
+    def __init__(self, root: str, partitions: int = 4, seal_events: int = 500_000) -> None:
+        self.root = root
+        self.log = EventLog(root, partitions=partitions, seal_events=seal_events)
+
+    def append_batch(self, batch: pa.RecordBatch) -> list[AppendOutcome]:
+        return self.log.append_batch(batch)
+
+    def lookup_commands(self, command_ids: Sequence[str]) -> dict[str, Appended]:
+        return self.log.lookup_commands(command_ids)
+
+    def read_all(
+        self,
+        from_position: int = 1,
+        to_position: int | None = None,
+        columns: Sequence[str] | None = None,
+        shard: tuple[int, int] | None = None,
+        partition: int | None = None,
+    ) -> pa.Table:
+        return self.log.read_all(from_position, to_position, columns, shard, partition)
+
+    def read_stream(self, stream_id: str, from_version: int = 1) -> pa.Table:
+        table = self.log.read_all(partition=stream_hash(stream_id) % self.log.partition_count)
+        return table.filter(
+            pa.compute.and_(
+                pa.compute.equal(table.column("stream_id"), stream_id),
+                pa.compute.greater_equal(table.column("stream_version"), from_version),
+            )
+        )
+
+    def wait_for(self, after_position: int, timeout_s: float) -> int:
+        return self.log.wait_for(after_position, timeout_s)
+
+    def watermark(self) -> int:
+        return self.log.watermark
+
+    def flush(self) -> None:
+        self.log.flush_seals()
+
+    def ping(self) -> str:
+        return "ok"
+
+
+class RayLogPort:
+    """`LogPort` for a host inside Ray: each call is a blocking call to the log actor."""
+
+    def __init__(self, handle: Any) -> None:
+        self._log = handle
+
+    def append_batch(self, batch: pa.RecordBatch) -> list[AppendOutcome]:
+        return ray.get(self._log.append_batch.remote(batch))  # type: ignore[no-any-return]
+
+    def lookup_commands(self, command_ids: Sequence[str]) -> dict[str, Appended]:
+        return ray.get(self._log.lookup_commands.remote(list(command_ids)))  # type: ignore[no-any-return]
+
+    def read_all(
+        self,
+        from_position: int = 1,
+        to_position: int | None = None,
+        columns: Sequence[str] | None = None,
+        shard: tuple[int, int] | None = None,
+        partition: int | None = None,
+    ) -> pa.Table:
+        ref = self._log.read_all.remote(from_position, to_position, columns, shard, partition)
+        return ray.get(ref)  # type: ignore[no-any-return]
+
+
+class HostService:
+    """An `EntityHost` whose log is the log actor (found by name)."""
+
+    def __init__(
+        self, log_actor: str, decider: Decider[Any], shard: Shard, snapshot_dir: str | None
+    ) -> None:
+        log = ray.get_actor(log_actor, namespace=NAMESPACE)
+        self.host = EntityHost(decider, RayLogPort(log), shard, snapshot_dir)
+
+    def handle(self, commands: Sequence[Command]) -> list[CommandResult]:
+        return self.host.handle(commands)
+
+    def state(self, entity_id: str) -> Any:
+        return self.host.state(entity_id)
+
+    def states(self) -> dict[str, Any]:
+        return dict(self.host._states)
+
+    def entity_count(self) -> int:
+        return self.host.entity_count()
+
+    def snapshot(self) -> int:
+        return self.host.snapshot()
+
+    def pid(self) -> int:
+        return os.getpid()
+
+
+@dataclass
+class RuntimeConfig:
+    name: str = "fleet"  # several systems can share one Ray cluster under different names
+    data_dir: str = "var"
+    partitions: int = 4
+    seal_events: int = 500_000
+    shards: dict[str, int] = field(default_factory=lambda: {"vehicle": 2})
+    num_cpus: int | None = None
+    address: str | None = None  # None: start (or join) a local Ray
+
+    @property
+    def log_dir(self) -> str:
+        return os.path.join(self.data_dir, "log")
+
+    @property
+    def snapshot_dir(self) -> str:
+        return os.path.join(self.data_dir, "snapshots")
+
+    @property
+    def log_actor(self) -> str:
+        return f"v2g-{self.name}-log"
+
+    def host_actor(self, kind: str, index: int, count: int) -> str:
+        return f"v2g-{self.name}-{kind}-{index}-of-{count}"
+
+
+class Runtime:
+    """Starts (or finds) the log actor and every host shard, and routes commands to them."""
+
+    def __init__(self, config: RuntimeConfig, deciders: Sequence[Decider[Any]] | None = None):
+        self.config = config
+        self.deciders = {d.kind: d for d in (deciders or default_deciders())}
+        self._kind_of: dict[type[Command], str] = {
+            t: d.kind for d in self.deciders.values() for t in d.command_types
+        }
+        self._hosts: dict[str, list[Any]] = {}
+        self._log: Any = None
+
+    def start(self) -> Runtime:
+        if not ray.is_initialized():
+            if self.config.address:
+                ray.init(address=self.config.address, namespace=NAMESPACE, log_to_driver=False)
+            else:
+                ray.init(
+                    num_cpus=self.config.num_cpus,
+                    include_dashboard=False,
+                    namespace=NAMESPACE,
+                    log_to_driver=False,
+                )
+        log_root = os.path.abspath(self.config.log_dir)
+        self._log = (
+            ray.remote(LogService)
+            .options(
+                name=self.config.log_actor,
+                namespace=NAMESPACE,
+                get_if_exists=True,
+                lifetime="detached",
+                max_concurrency=32,
+                max_restarts=-1,
+                max_task_retries=-1,
+                num_cpus=0,
+            )
+            .remote(log_root, self.config.partitions, self.config.seal_events)
+        )
+        ray.get(self._log.ping.remote())
+        snapshot_dir = os.path.abspath(self.config.snapshot_dir)
+        for kind, decider in self.deciders.items():
+            count = self.config.shards.get(kind, 1)
+            self._hosts[kind] = [
+                ray.remote(HostService)
+                .options(
+                    name=self.config.host_actor(kind, i, count),
+                    namespace=NAMESPACE,
+                    get_if_exists=True,
+                    lifetime="detached",
+                    max_restarts=-1,
+                    max_task_retries=-1,
+                    num_cpus=0,
+                )
+                .remote(self.config.log_actor, decider, Shard(i, count), snapshot_dir)
+                for i in range(count)
+            ]
+        ray.get([h.pid.remote() for hosts in self._hosts.values() for h in hosts])
+        return self
+
+    @property
+    def log(self) -> Any:
+        return self._log
+
+    def hosts(self, kind: str) -> list[Any]:
+        return self._hosts[kind]
+
+    def route(self, commands: Sequence[Command]) -> tuple[list[Any], list[list[int]]]:
+        """Group commands by owning shard: one Ray call per shard, order kept within each."""
+        groups: dict[tuple[str, int], list[int]] = defaultdict(list)
+        unknown: list[int] = []
+        for i, command in enumerate(commands):
+            kind = self._kind_of.get(type(command))
+            if kind is None:
+                unknown.append(i)
+                continue
+            count = len(self._hosts[kind])
+            groups[(kind, stream_hash(command.stream_id) % count)].append(i)
+        if unknown:
+            names = sorted({type(commands[i]).__name__ for i in unknown})
+            raise TypeError(f"no entity kind handles {', '.join(names)}")
+        refs = []
+        order = []
+        for (kind, shard), indices in groups.items():
+            refs.append(self._hosts[kind][shard].handle.remote([commands[i] for i in indices]))
+            order.append(indices)
+        return refs, order
+
+    def host_for(self, kind: str, entity_id: str) -> Any:
+        hosts = self._hosts[kind]
+        return hosts[stream_hash(self.deciders[kind].stream_id(entity_id)) % len(hosts)]
+
+    def stop(self) -> None:
+        """Kill this system's actors (the log folder stays: it is the system)."""
+        for hosts in self._hosts.values():
+            for h in hosts:
+                ray.kill(h, no_restart=True)
+        if self._log is not None:
+            ray.kill(self._log, no_restart=True)
+        self._hosts.clear()
+        self._log = None
+
+
+def gather(refs: list[Any], order: list[list[int]], n: int) -> list[CommandResult]:
+    results: list[CommandResult | None] = [None] * n
+    for indices, batch in zip(order, ray.get(refs), strict=True):
+        for i, result in zip(indices, batch, strict=True):
+            results[i] = result
+    return [r for r in results if r is not None]

@@ -1,0 +1,81 @@
+"""The host on a real local Ray: commands through the client, and a host killed mid-stream."""
+
+from __future__ import annotations
+
+import threading
+import time
+from collections import Counter
+
+import pytest
+import ray
+
+from cluster.client import FleetClient, FleetError
+from cluster.runtime import Runtime, RuntimeConfig
+from tests.actors.counter import COUNTER, Add, OpenCounter
+from tests.events.conftest import T0
+
+pytestmark = pytest.mark.ray
+
+
+@pytest.fixture(scope="module")
+def fleet(ray_session, tmp_path_factory):
+    data = str(tmp_path_factory.mktemp("runtime"))
+    config = RuntimeConfig(name="rt", data_dir=data, shards={"counter": 2})
+    runtime = Runtime(config, deciders=[COUNTER]).start()
+    client = FleetClient(runtime, owns_ray=False)
+    yield client
+    client.close()
+
+
+def add(command_id: str, counter: str, amount: int) -> Add:
+    return Add(command_id=command_id, issued_at=T0, counter_id=counter, amount=amount)
+
+
+def test_commands_travel_through_ray_and_come_back_as_results(fleet):
+    opened = fleet.send_many(
+        [OpenCounter(command_id=f"open-{c}", issued_at=T0, counter_id=c) for c in "abcd"]
+    )
+    assert [r.status for r in opened] == ["recorded"] * 4
+    results = fleet.send_many([add(f"x-{i}", "abcd"[i % 4], 1) for i in range(40)])
+    assert all(r.status == "recorded" for r in results)
+    assert fleet.state("counter", "c").total == 10
+    assert [e.type for e in fleet.events("counter-c")][:2] == ["CounterOpened", "Added"]
+    assert fleet.send(add("x-0", "a", 1)).duplicate
+
+
+def test_a_rejected_command_names_its_reason_and_unknown_kinds_are_our_error(fleet):
+    result = fleet.send(add("bad-1", "nobody", 1))
+    assert result.status == "rejected" and "unknown counter 'nobody'" in result.reason
+    with pytest.raises(FleetError, match="unknown entity kind"):
+        fleet.state("spaceship", "x")
+
+
+def test_a_host_killed_mid_stream_restarts_and_loses_or_doubles_nothing(fleet):
+    fleet.send_many(
+        [OpenCounter(command_id=f"open-k{i}", issued_at=T0, counter_id=f"k{i}") for i in range(8)]
+    )
+    batches = [[add(f"kill-{b}-{i}", f"k{i % 8}", 1) for i in range(48)] for b in range(40)]
+    victim = fleet.runtime.hosts("counter")[0]
+    pid_before = ray.get(victim.pid.remote())
+    outcomes: list = []
+
+    def sender() -> None:
+        for batch in batches:
+            outcomes.extend(fleet.send_many(batch))
+
+    thread = threading.Thread(target=sender)
+    thread.start()
+    time.sleep(0.3)
+    ray.kill(victim, no_restart=False)
+    thread.join(timeout=120)
+    assert not thread.is_alive()
+
+    assert ray.get(victim.pid.remote()) != pid_before, "the host must have been restarted"
+    assert len(outcomes) == 1920 and all(r.status == "recorded" for r in outcomes)
+    recorded = Counter()
+    for i in range(8):
+        events = fleet.events(f"counter-k{i}")
+        recorded.update(e.command_id for e in events if e.type == "Added")
+        assert [e.stream_version for e in events] == list(range(1, len(events) + 1))
+        assert fleet.state("counter", f"k{i}").total == 240
+    assert len(recorded) == 1920 and set(recorded.values()) == {1}
