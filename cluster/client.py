@@ -10,7 +10,7 @@ Example::
 
     with FleetClient.embedded("var") as fleet:
         register = RegisterVehicle(command_id="reg-van-1", issued_at=now,
-                                   vehicle_id="van-1", model="Nissan Leaf", site_id="depot")
+                                   vehicle_id="van-1", model="Volkswagen ID.4", site_id="depot")
         result = fleet.send(register)
         print(result.status, fleet.state("vehicle", "van-1"))
 """

@@ -1,0 +1,213 @@
+"""`v2g`: the command line of v2gfleet.
+
+Exit codes scripts can rely on: 0 success, 1 the system said no (a rejected
+command, a log that fails verification), 2 bad usage or input.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+from collections.abc import Sequence
+from datetime import UTC, datetime
+from typing import Any
+
+from pydantic import ValidationError
+
+EXIT_OK, EXIT_REFUSED, EXIT_USAGE = 0, 1, 2
+
+
+def _data_dir(args: argparse.Namespace) -> str:
+    return str(args.data_dir or os.environ.get("V2G_DATA_DIR", "var"))
+
+
+def _print_json(obj: Any) -> None:
+    print(json.dumps(obj, indent=2, default=str))
+
+
+# --------------------------------------------------------------------- log verify
+
+
+def cmd_log_verify(args: argparse.Namespace) -> int:
+    from events.verify import verify_log
+
+    root = os.path.join(_data_dir(args), "log")
+    try:
+        report = verify_log(root)
+    except FileNotFoundError as exc:
+        print(f"v2g: {exc}", file=sys.stderr)
+        return EXIT_USAGE
+    if args.json:
+        _print_json(
+            {
+                "ok": report.ok,
+                "events_checked": report.events_checked,
+                "heads": report.heads,
+                "problem": str(report.problem) if report.problem else None,
+            }
+        )
+    else:
+        print(f"checked {report.events_checked} events in {len(report.heads)} partitions")
+        for partition, head in sorted(report.heads.items()):
+            print(f"  partition {partition} head {head}")
+        print("log verified: unaltered" if report.ok else f"TAMPERED: {report.problem}")
+    return EXIT_OK if report.ok else EXIT_REFUSED
+
+
+# -------------------------------------------------------------------- commands
+
+
+def command_classes() -> dict[str, type]:
+    from cluster.runtime import default_deciders
+
+    return {t.__name__: t for d in default_deciders() for t in d.command_types}
+
+
+def parse_command(text: str, now: datetime) -> Any:
+    """A command from JSON: `{"type": "PlugIn", "vehicle_id": ..., ...}`.
+
+    `command_id` defaults to a hash of the content (so re-sending the same line is
+    idempotent) and `issued_at` to now.
+    """
+    try:
+        doc = json.loads(text)
+    except json.JSONDecodeError as exc:
+        raise ValueError(f"command is not valid JSON: {exc}") from None
+    if not isinstance(doc, dict) or "type" not in doc:
+        raise ValueError('command must be a JSON object with a "type", e.g. {"type": "Unplug"}')
+    classes = command_classes()
+    name = doc.pop("type")
+    if name not in classes:
+        raise ValueError(f"unknown command type {name!r}; known: {', '.join(sorted(classes))}")
+    if "command_id" not in doc:
+        import hashlib
+
+        digest = hashlib.sha256(json.dumps([name, doc], sort_keys=True).encode()).hexdigest()
+        doc["command_id"] = f"cli-{digest[:16]}"
+    doc.setdefault("issued_at", now.isoformat())
+    return classes[name].model_validate(doc)
+
+
+def cmd_command(args: argparse.Namespace) -> int:
+    from cluster.client import FleetError
+
+    texts = [args.json] if args.json else [line for line in sys.stdin if line.strip()]
+    try:
+        commands = [parse_command(t, datetime.now(UTC)) for t in texts]
+    except (ValueError, ValidationError) as exc:
+        print(f"v2g: invalid command: {exc}", file=sys.stderr)
+        return EXIT_USAGE
+    try:
+        with _client(args) as fleet:
+            results = fleet.send_many(commands)
+    except FleetError as exc:
+        print(f"v2g: {exc}", file=sys.stderr)
+        return EXIT_REFUSED
+    for r in results:
+        if args.output_json:
+            _print_json(r.model_dump())
+        else:
+            detail = r.reason or ", ".join(r.event_types)
+            dup = " (repeat: first answer)" if r.duplicate else ""
+            print(f"{r.command_id}: {r.status}{dup} {detail}")
+    return EXIT_OK if all(r.ok for r in results) else EXIT_REFUSED
+
+
+def cmd_state(args: argparse.Namespace) -> int:
+    from cluster.client import FleetError
+
+    try:
+        with _client(args) as fleet:
+            state = fleet.state(args.kind, args.entity_id)
+    except FleetError as exc:
+        print(f"v2g: {exc}", file=sys.stderr)
+        return EXIT_USAGE
+    _print_json(state.model_dump(mode="json"))
+    return EXIT_OK
+
+
+def cmd_events(args: argparse.Namespace) -> int:
+    from events.reader import read_log
+
+    table = read_log(os.path.join(_data_dir(args), "log"))
+    rows = [r for r in table.to_pylist() if r["stream_id"] == args.stream_id]
+    for r in rows:
+        print(f"{r['position']:>8} v{r['stream_version']:<4} {r['type']:<28} {r['payload']}")
+    return EXIT_OK if rows else EXIT_REFUSED
+
+
+def _client(args: argparse.Namespace) -> Any:
+    from cluster.client import FleetClient
+
+    if args.address:
+        return FleetClient.connect(args.address, data_dir=_data_dir(args))
+    return FleetClient.embedded(_data_dir(args))
+
+
+# ------------------------------------------------------------------------ demo
+
+
+def cmd_demo(args: argparse.Namespace) -> int:
+    from cluster.demo import run_demo
+
+    return run_demo(_data_dir(args), vehicles=args.vehicles, fresh=not args.keep)
+
+
+# ------------------------------------------------------------------------ main
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="v2g", description="Run and audit a V2G fleet as a virtual power plant."
+    )
+    parser.add_argument(
+        "--data-dir", help="folder of the log and snapshots (default: $V2G_DATA_DIR or ./var)"
+    )
+    parser.add_argument("--address", help="Ray cluster address to join (default: local Ray)")
+    sub = parser.add_subparsers(dest="verb", required=True)
+
+    demo = sub.add_parser("demo", help="run the embedded demo end to end")
+    demo.add_argument("--vehicles", type=int, default=6, help="how many vans (default 6)")
+    demo.add_argument("--keep", action="store_true", help="keep an existing log (default: fresh)")
+    demo.set_defaults(func=cmd_demo)
+
+    for name in ("log", "audit"):
+        group = sub.add_parser(name, help="verify the log's hash chain")
+        verbs = group.add_subparsers(dest="log_verb", required=True)
+        verify = verbs.add_parser("verify", help="report the first altered/missing/reordered event")
+        verify.add_argument("--json", action="store_true", help="machine-readable output")
+        verify.set_defaults(func=cmd_log_verify)
+
+    command = sub.add_parser(
+        "command",
+        help="send commands: --json '{...}' or one JSON object per line on stdin",
+        description='Example: v2g command --json \'{"type": "Unplug", "vehicle_id": "van-1"}\'',
+    )
+    command.add_argument("--json", help='one command as a JSON object with a "type"')
+    command.add_argument("--output-json", action="store_true", help="print results as JSON")
+    command.set_defaults(func=cmd_command)
+
+    state = sub.add_parser("state", help="print one entity's current state as JSON")
+    state.add_argument("kind", help="entity kind, e.g. vehicle")
+    state.add_argument("entity_id")
+    state.set_defaults(func=cmd_state)
+
+    events = sub.add_parser("events", help="print one stream's events from the log")
+    events.add_argument("stream_id", help="e.g. vehicle-van-1")
+    events.set_defaults(func=cmd_events)
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    try:
+        return int(args.func(args))
+    except KeyboardInterrupt:
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,320 @@
+"""Benchmark the event log and the hosts: `scripts/bench log [--quick]`.
+
+Prints progress, then as its last line one JSON object:
+
+- raw_write_events_per_s: the same events, already columnar, written with pyarrow
+  (Parquet, one fsync per 10,000 events) and nothing else: the machine's baseline.
+- append_events_per_s_direct: `EventLog.append_batch` in-process, 4 threads each
+  appending pre-built 1,000-event batches (group commit, fsync, hash chain).
+- append_p99_ack_ms: p99 of those appends' time to acknowledgement.
+- append_events_per_s_via_ray: `ReportTelemetry` commands through the client in
+  batches of 1,000, routed to 2 host shards, decided, appended by the log actor.
+- command_batch_p99_ms_via_ray: p99 round trip of one such batch.
+- hosted_vehicles, host_rss_mib: 10,000 registered, plugged-in vehicles with
+  telemetry, and the resident memory of all host actors together.
+- recovery_s: a system restarted on a log of 1,000,000 events for 10,000 vehicles
+  until every host has replayed its streams (no snapshot); recovery_s_snapshot the
+  same from a snapshot; log_open_s the log actor alone.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import shutil
+import statistics
+import tempfile
+import threading
+import time
+from concurrent.futures import ThreadPoolExecutor
+from datetime import UTC, datetime, timedelta
+
+import psutil
+import pyarrow as pa
+import pyarrow.parquet as pq
+import ray
+
+from actors.vehicle import PlugIn, RegisterVehicle, ReportTelemetry
+from cluster.client import FleetClient
+from cluster.runtime import Runtime, RuntimeConfig
+from events.log import EventLog
+from events.schema import RECORD_SCHEMA, PendingBatchBuilder
+from events.vehicle import VehicleTelemetryReported
+
+T0 = datetime(2024, 6, 1, tzinfo=UTC)
+
+
+def say(msg: str) -> None:
+    print(msg, flush=True)
+
+
+def p99(values: list[float]) -> float:
+    return statistics.quantiles(values, n=100)[98] if len(values) >= 100 else max(values)
+
+
+def telemetry_batches(
+    n_events: int, n_vehicles: int, batch: int, first_vehicle: int = 0
+) -> list[pa.RecordBatch]:
+    """Pending batches of TelemetryReported events, round-robin over vehicles."""
+    out = []
+    builder = PendingBatchBuilder()
+    for i in range(n_events):
+        v = first_vehicle + i % n_vehicles
+        version = i // n_vehicles + 3  # after VehicleRegistered, VehiclePluggedIn
+        at = T0 + timedelta(seconds=10 * (i // n_vehicles))
+        event = VehicleTelemetryReported(
+            vehicle_id=f"v{v}", at=at, measured_at=at, soc=0.5, battery_temp_c=25.0, soh=0.97
+        )
+        builder.add(
+            f"vehicle-v{v}",
+            version,
+            f"tel-{v}-{version}/0",
+            "VehicleTelemetryReported",
+            1,
+            at,
+            f"tel-{v}-{version}",
+            "",
+            event.model_dump_json(),
+        )
+        if len(builder) == batch:
+            out.append(builder.build())
+            builder = PendingBatchBuilder()
+    if len(builder):
+        out.append(builder.build())
+    return out
+
+
+def setup_batches(n_vehicles: int) -> list[pa.RecordBatch]:
+    """Register and plug in every vehicle, as pending batches (versions 1 and 2)."""
+    from actors.vehicle import VEHICLE
+
+    out = []
+    builder = PendingBatchBuilder()
+    for v in range(n_vehicles):
+        state = VEHICLE.initial_state(f"v{v}")
+        for k, command in enumerate(setup_commands(v)):
+            [event] = VEHICLE.decide(command, state)
+            state = VEHICLE.evolve(state, event)
+            builder.add(
+                f"vehicle-v{v}",
+                k + 1,
+                f"{command.command_id}/0",
+                event.type_name(),
+                event.schema_version,
+                T0,
+                command.command_id,
+                "",
+                event.model_dump_json(),
+            )
+        if len(builder) >= 1000:
+            out.append(builder.build())
+            builder = PendingBatchBuilder()
+    if len(builder):
+        out.append(builder.build())
+    return out
+
+
+def setup_commands(v: int) -> list:
+    return [
+        RegisterVehicle(
+            command_id=f"reg-v{v}",
+            issued_at=T0,
+            vehicle_id=f"v{v}",
+            model="Volkswagen ID.4",
+            site_id=f"depot-{v % 10}",
+        ),
+        PlugIn(
+            command_id=f"plug-v{v}",
+            issued_at=T0,
+            vehicle_id=f"v{v}",
+            charger_id=f"cp-{v}",
+            charger_max_charge_kw=11.0,
+            charger_max_discharge_kw=11.0,
+        ),
+    ]
+
+
+def bench_raw(batches: list[pa.RecordBatch], folder: str) -> float:
+    """Baseline: the same events as final records, Parquet + fsync, no log logic."""
+    records = []
+    for b in batches:
+        n = b.num_rows
+        cols = {
+            "position": pa.array(range(n), pa.int64()),
+            "partition": pa.array([0] * n, pa.int32()),
+            "prev_hash": pa.array([b"\0" * 32] * n, pa.binary(32)),
+            "hash": pa.array([b"\1" * 32] * n, pa.binary(32)),
+        }
+        arrays = [cols[f.name] if f.name in cols else b.column(f.name) for f in RECORD_SCHEMA]
+        records.append(pa.RecordBatch.from_arrays(arrays, schema=RECORD_SCHEMA))
+    chunk = 10
+    total = sum(r.num_rows for r in records)
+    t = time.perf_counter()
+    for k in range(0, len(records), chunk):
+        path = os.path.join(folder, f"raw-{k}.parquet")
+        pq.write_table(pa.Table.from_batches(records[k : k + chunk]), path)
+        fd = os.open(path, os.O_RDONLY)
+        os.fsync(fd)
+        os.close(fd)
+    return total / (time.perf_counter() - t)
+
+
+def bench_direct(per_thread: list[list[pa.RecordBatch]], folder: str) -> tuple[float, float]:
+    """Each thread appends the streams of its own vehicles, so versions never conflict."""
+    latencies: list[float] = []
+    with EventLog(os.path.join(folder, "direct"), partitions=4) as log:
+        for b in setup_batches(1000 * len(per_thread)):
+            log.append_batch(b)
+        lock = threading.Lock()
+
+        def run(part: list[pa.RecordBatch]) -> None:
+            for b in part:
+                t = time.perf_counter()
+                log.append_batch(b)
+                with lock:
+                    latencies.append((time.perf_counter() - t) * 1000)
+
+        t = time.perf_counter()
+        with ThreadPoolExecutor(len(per_thread)) as pool:
+            list(pool.map(run, per_thread))
+        elapsed = time.perf_counter() - t
+    total = sum(b.num_rows for part in per_thread for b in part)
+    return total / elapsed, p99(latencies)
+
+
+def rss_mib(pids: list[int]) -> float:
+    return sum(psutil.Process(p).memory_info().rss for p in pids) / 2**20
+
+
+def bench_via_ray(n_vehicles: int, n_events: int, folder: str) -> dict[str, float]:
+    config = RuntimeConfig(name="bench", data_dir=os.path.join(folder, "ray"))
+    client = FleetClient(Runtime(config).start(), owns_ray=False)
+    try:
+        say(f"  registering {n_vehicles} vehicles through Ray")
+        setup = [c for v in range(n_vehicles) for c in setup_commands(v)]
+        for k in range(0, len(setup), 1000):
+            assert all(r.ok for r in client.send_many(setup[k : k + 1000]))
+        commands = [
+            ReportTelemetry(
+                command_id=f"t-{i}",
+                issued_at=T0 + timedelta(seconds=10 * (i // n_vehicles) + 1),
+                vehicle_id=f"v{i % n_vehicles}",
+                measured_at=T0 + timedelta(seconds=10 * (i // n_vehicles) + 1),
+                soc=0.5 + 0.001 * (i // n_vehicles % 100),
+                battery_temp_c=25.0,
+                soh=0.97,
+            )
+            for i in range(n_events)
+        ]
+        batches = [commands[k : k + 1000] for k in range(0, len(commands), 1000)]
+        say(f"  sending {n_events} telemetry commands in {len(batches)} batches")
+        latencies: list[float] = []
+        lock = threading.Lock()
+
+        def run(part: list[list[ReportTelemetry]]) -> None:
+            for b in part:
+                t = time.perf_counter()
+                results = client.send_many(b)
+                with lock:
+                    latencies.append((time.perf_counter() - t) * 1000)
+                assert all(r.status == "recorded" for r in results), results[0]
+
+        # A round is one reading per vehicle: its batches touch disjoint vehicles and
+        # go out concurrently (pipelined); rounds follow each other, so every
+        # vehicle's readings arrive in time order.
+        per_round = max(1, n_vehicles // 1000)
+        rounds = [batches[k : k + per_round] for k in range(0, len(batches), per_round)]
+        t = time.perf_counter()
+        with ThreadPoolExecutor(4) as pool:
+            for rnd in rounds:
+                list(pool.map(run, [[b] for b in rnd]))
+        elapsed = time.perf_counter() - t
+        hosts = client.runtime.hosts("vehicle")
+        pids = ray.get([h.pid.remote() for h in hosts])
+        hosted = sum(ray.get([h.entity_count.remote() for h in hosts]))
+        return {
+            "append_events_per_s_via_ray": n_events / elapsed,
+            "command_batch_p99_ms_via_ray": p99(latencies),
+            "hosted_vehicles": hosted,
+            "host_rss_mib": rss_mib(pids),
+        }
+    finally:
+        client.close()
+
+
+def bench_recovery(n_vehicles: int, n_events: int, folder: str) -> dict[str, float]:
+    root = os.path.join(folder, "recovery")
+    log_dir = os.path.join(root, "log")
+    say(f"  writing {n_events} events for {n_vehicles} vehicles")
+    with EventLog(log_dir, partitions=4) as log:
+        for b in setup_batches(n_vehicles):
+            log.append_batch(b)
+        remaining = n_events - 2 * n_vehicles
+        for b in telemetry_batches(remaining, n_vehicles, 10_000):
+            log.append_batch(b)
+        log.flush_seals()
+    figures: dict[str, float] = {}
+    t = time.perf_counter()
+    EventLog(log_dir).close()
+    figures["log_open_s"] = time.perf_counter() - t
+    for label in ("recovery_s", "recovery_s_snapshot"):
+        say(f"  {label}: starting a system on the log")
+        t = time.perf_counter()
+        runtime = Runtime(RuntimeConfig(name=f"rec{len(figures)}", data_dir=root)).start()
+        figures[label] = time.perf_counter() - t
+        hosts = runtime.hosts("vehicle")
+        counted = sum(ray.get([h.entity_count.remote() for h in hosts]))
+        if counted != n_vehicles:
+            raise SystemExit(f"recovered {counted} vehicles, expected {n_vehicles}")
+        if label == "recovery_s":
+            ray.get([h.snapshot.remote() for h in hosts])
+        runtime.stop()
+    return figures
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--quick", action="store_true", help="reduced sizes, under a minute")
+    args = parser.parse_args()
+    n_vehicles = 1_000 if args.quick else 10_000
+    n_append = 100_000 if args.quick else 1_000_000
+    n_ray = 50_000 if args.quick else 300_000
+    n_recovery = 100_000 if args.quick else 1_000_000
+    folder = tempfile.mkdtemp(prefix="v2g-bench-log-")
+    figures: dict[str, float] = {}
+    try:
+        say(f"building {n_append} pending events")
+        threads = 4
+        per_thread = [
+            telemetry_batches(n_append // threads, 1000, 1000, first_vehicle=1000 * k)
+            for k in range(threads)
+        ]
+        say("raw pyarrow write + fsync (baseline)")
+        figures["raw_write_events_per_s"] = bench_raw(
+            [b for part in per_thread for b in part], folder
+        )
+        say("direct appends, 4 threads, 1,000-event batches")
+        rate, ack = bench_direct(per_thread, folder)
+        figures["append_events_per_s_direct"] = rate
+        figures["append_p99_ack_ms"] = ack
+        ray.init(num_cpus=2, include_dashboard=False, namespace="v2gfleet", log_to_driver=False)
+        say("through Ray: client → 2 host shards → log actor")
+        figures.update(bench_via_ray(n_vehicles, n_ray, folder))
+        figures["ratio_via_ray_to_raw"] = (
+            figures["append_events_per_s_via_ray"] / figures["raw_write_events_per_s"]
+        )
+        say("recovery")
+        figures.update(bench_recovery(n_vehicles, n_recovery, folder))
+        figures["recovery_events"] = n_recovery
+    finally:
+        if ray.is_initialized():
+            ray.shutdown()
+        shutil.rmtree(folder, ignore_errors=True)
+    for k, v in figures.items():
+        say(f"  {k}: {v:,.3f}" if isinstance(v, float) else f"  {k}: {v}")
+    print(json.dumps({k: round(v, 3) if isinstance(v, float) else v for k, v in figures.items()}))
+
+
+if __name__ == "__main__":
+    main()

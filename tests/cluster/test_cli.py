@@ -1,0 +1,83 @@
+"""The `v2g` command: the demo's outputs, command parsing, and `log verify` exit codes."""
+
+from __future__ import annotations
+
+import json
+from datetime import UTC, datetime
+
+import pyarrow.parquet as pq
+import pytest
+
+from cluster.cli import main, parse_command
+from cluster.demo import run_demo
+from events.log import EventLog
+from tests.events.conftest import T0, Pinged
+
+NOW = datetime(2024, 1, 1, tzinfo=UTC)
+
+
+def test_a_command_is_parsed_from_json_with_a_stable_default_id():
+    a = parse_command('{"type": "Unplug", "vehicle_id": "van-1"}', NOW)
+    b = parse_command('{"type": "Unplug", "vehicle_id": "van-1"}', NOW)
+    assert a.vehicle_id == "van-1" and a.command_id == b.command_id
+
+
+@pytest.mark.parametrize(
+    ("text", "message"),
+    [
+        ("{not json", "not valid JSON"),
+        ('{"vehicle_id": "van-1"}', 'must be a JSON object with a "type"'),
+        ('{"type": "Teleport"}', "unknown command type 'Teleport'"),
+        ('{"type": "PlugIn", "vehicle_id": "van-1"}', "charger_id"),
+    ],
+)
+def test_bad_commands_get_a_clear_error(text, message):
+    with pytest.raises(ValueError, match=message):
+        parse_command(text, NOW)
+
+
+def test_invalid_command_exits_2_without_starting_anything(capsys):
+    assert main(["command", "--json", '{"type": "Teleport"}']) == 2
+    assert "unknown command type" in capsys.readouterr().err
+
+
+def test_log_verify_exit_codes_say_verified_or_tampered(tmp_path, capsys):
+    data = tmp_path / "data"
+    with EventLog(str(data / "log"), partitions=1, seal_events=5) as log:
+        for i in range(12):
+            log.append("vehicle-1", [Pinged(n=i)], i, f"c{i}", T0)
+        log.flush_seals()
+        segment = log.sealed_segment_paths()[0]
+    assert main(["--data-dir", str(data), "log", "verify", "--json"]) == 0
+    assert json.loads(capsys.readouterr().out)["ok"] is True
+
+    table = pq.read_table(segment)
+    payloads = table.column("payload").to_pylist()
+    payloads[2] = '{"n":42}'
+    pq.write_table(
+        table.set_column(table.schema.get_field_index("payload"), "payload", [payloads]), segment
+    )
+    assert main(["--data-dir", str(data), "audit", "verify"]) == 1
+    assert "TAMPERED: partition 0, position 3" in capsys.readouterr().out
+    assert main(["--data-dir", str(tmp_path / "nowhere"), "log", "verify"]) == 2
+
+
+@pytest.mark.ray
+def test_the_demo_tells_its_story_and_verifies(ray_session, tmp_path, capsys):
+    assert run_demo(str(tmp_path / "demo"), vehicles=6) == 0
+    out = capsys.readouterr().out
+    assert "hash chain verified" in out
+    assert "van-04: battery_temp_c 68.0 is at or above refuse_discharge_above_c 65.0" in out
+    assert "van-06: soh 0.620 is below min_soh_for_discharge 0.700" in out
+    assert "37 commands: 4 setpoints refused" in out
+    with EventLog(str(tmp_path / "demo" / "log")) as log:
+        accepted = [
+            json.loads(p)
+            for p, t in zip(
+                log.read_all().column("payload").to_pylist(),
+                log.read_all().column("type").to_pylist(),
+                strict=True,
+            )
+            if t == "VehicleSetpointAccepted"
+        ]
+    assert {a["vehicle_id"]: a["power_kw"] for a in accepted}["van-01"] == -11.0
