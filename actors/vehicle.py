@@ -1,0 +1,1050 @@
+"""The vehicle: a pure decider over one vehicle's stream (`vehicle-<vehicle_id>`).
+
+The safety rules of the fleet live here, not in the schedulers: a setpoint is
+clamped or refused so that the battery never plans to end below its reserve —
+max(SoC floor, the energy its next trip needs) — never charges past 100 %, stays
+within the vehicle's and the charger's power, is derated when hot and refused when
+too hot, degraded or out of warranty throughput, and comes only from the one
+controller holding a live lease.
+
+How the SoC is planned. Telemetry reports the SoC now and then; setpoints move it
+in between. The decider keeps two bounds on the battery energy: the lower one
+assumes every discharge setpoint since the last reading ran at full power and no
+charge happened, the upper one the reverse. Discharge is judged on the lower bound,
+charge on the upper one, so a late or missing reading can only make the decider
+more careful. `power_kw` is measured at the charger (grid side): charging stores
+`power_kw x hours x charge_efficiency` in the battery, discharging takes
+`|power_kw| x hours / discharge_efficiency` out of it.
+
+Thermal derating (discharge only): full power up to `derate_above_c`, then linear
+to zero at `refuse_discharge_above_c`, refused from there on. Charging is left to
+the car's own battery management, which already limits charge current by
+temperature; V2G export is the optional load we add, so that is what we derate.
+"""
+
+from __future__ import annotations
+
+import math
+from datetime import datetime
+from typing import Annotated, Any
+
+from pydantic import AwareDatetime, BaseModel, ConfigDict, Field, model_validator
+
+from actors.decider import CommandRejected, Decider, UnknownEntity
+from actors.presets import preset
+from events.base import Command, Event
+from events.vehicle import (
+    Celsius,
+    Efficiency,
+    Fraction,
+    KilowattHours,
+    LimitReason,
+    Reason,
+    VehicleControlGranted,
+    VehicleControlRefused,
+    VehicleControlReleased,
+    VehicleEnergyRecorded,
+    VehiclePluggedIn,
+    VehicleRegistered,
+    VehicleSafeStateEntered,
+    VehicleSetpointAccepted,
+    VehicleSetpointCurtailed,
+    VehicleSetpointRejected,
+    VehicleTelemetryReported,
+    VehicleTripCancelled,
+    VehicleTripPlanned,
+    VehicleUnplugged,
+)
+
+# Below this a clamped power is "nothing available": no charger acts on 1 W.
+MIN_POWER_KW = 0.001
+# A clamped discharge is shaved by this fraction so float rounding can never put
+# the planned SoC a hair below the reserve.
+_SAFETY_MARGIN = 1e-9
+# Two setpoint powers closer than this are the same setpoint (recomputing a clamp
+# later gives the same power up to float rounding).
+_SAME_POWER_KW = 1e-6
+
+VehicleId = Annotated[str, Field(pattern=r"^[A-Za-z0-9][A-Za-z0-9._:-]{0,99}$")]
+Identifier = Annotated[str, Field(min_length=1, max_length=200, pattern=r"^[^\x00-\x1f]+$")]
+PowerLimit = Annotated[float, Field(ge=0, le=1000, allow_inf_nan=False)]
+Power = Annotated[float, Field(ge=-1000, le=1000, allow_inf_nan=False)]
+
+
+# ---------------------------------------------------------------------------
+# Commands
+
+
+class _VehicleCommand(Command):
+    vehicle_id: VehicleId
+
+    @property
+    def stream_id(self) -> str:
+        return f"vehicle-{self.vehicle_id}"
+
+
+class RegisterVehicle(_VehicleCommand):
+    """Add a vehicle to the fleet.
+
+    `model` names a preset (e.g. "Tesla Model 3", see `actors.presets`) that fills
+    battery_capacity_kwh, max_charge_kw, max_discharge_kw and the efficiencies;
+    fields given explicitly override it. Registering again with the same data
+    changes nothing; with different data it is rejected (settings are not edited
+    by re-registering; a reconfiguration would be its own command and event).
+    """
+
+    model: str | None = None
+    site_id: Identifier
+    battery_capacity_kwh: Annotated[float, Field(gt=0, le=1000, allow_inf_nan=False)]
+    max_charge_kw: PowerLimit
+    max_discharge_kw: PowerLimit
+    soc_floor: Fraction = 0.20
+    derate_above_c: Celsius = 45.0
+    refuse_discharge_above_c: Celsius = 65.0
+    min_soh_for_discharge: Fraction = 0.70
+    discharge_throughput_budget_kwh: KilowattHours | None = None
+    charge_efficiency: Efficiency = 0.90
+    discharge_efficiency: Efficiency = 0.90
+
+    @model_validator(mode="before")
+    @classmethod
+    def _fill_from_preset(cls, data: Any) -> Any:
+        if not isinstance(data, dict) or data.get("model") is None:
+            return data
+        car = preset(data["model"])  # UnknownPreset is a ValueError: a validation error
+        from_preset = {
+            "battery_capacity_kwh": car.battery_capacity_kwh,
+            "max_charge_kw": car.ac_max_charge_kw,
+            "max_discharge_kw": car.ac_max_discharge_kw,
+            "charge_efficiency": car.charge_efficiency,
+            "discharge_efficiency": car.charge_efficiency,
+        }
+        return {**from_preset, **data}
+
+
+class PlugIn(_VehicleCommand):
+    charger_id: Identifier
+    charger_max_charge_kw: PowerLimit
+    charger_max_discharge_kw: PowerLimit  # 0 for a charge-only charger
+
+
+class Unplug(_VehicleCommand):
+    pass
+
+
+class ReportTelemetry(_VehicleCommand):
+    measured_at: AwareDatetime
+    soc: Fraction
+    battery_temp_c: Celsius
+    soh: Fraction
+
+
+class PlanTrip(_VehicleCommand):
+    departure_at: AwareDatetime
+    energy_needed_kwh: KilowattHours
+
+
+class CancelTrip(_VehicleCommand):
+    pass
+
+
+class GrantControl(_VehicleCommand):
+    controller_id: Identifier
+    lease_until: AwareDatetime
+
+
+class ReleaseControl(_VehicleCommand):
+    controller_id: Identifier
+
+
+class RecordEnergy(_VehicleCommand):
+    """Energy metered at the charger over [interval_start, interval_end), grid side."""
+
+    interval_start: AwareDatetime
+    interval_end: AwareDatetime
+    charged_kwh: KilowattHours
+    discharged_kwh: KilowattHours
+
+
+class RequestSetpoint(_VehicleCommand):
+    """Ask for `power_kw` (> 0 charge, < 0 discharge) from issued_at until valid_until."""
+
+    controller_id: Identifier
+    power_kw: Power
+    valid_until: AwareDatetime
+
+
+class EnforceSafeState(_VehicleCommand):
+    """Power 0 and no controller, from anyone (watchdog, e-stop, anti-islanding)."""
+
+    reason: Reason
+
+
+VehicleCommand = (
+    RegisterVehicle
+    | PlugIn
+    | Unplug
+    | ReportTelemetry
+    | PlanTrip
+    | CancelTrip
+    | GrantControl
+    | ReleaseControl
+    | RecordEnergy
+    | RequestSetpoint
+    | EnforceSafeState
+)
+
+
+# ---------------------------------------------------------------------------
+# State
+
+
+class _Frozen(BaseModel):
+    model_config = ConfigDict(frozen=True, extra="forbid")
+
+
+class VehicleSpec(_Frozen):
+    model: str | None
+    site_id: str
+    battery_capacity_kwh: float
+    max_charge_kw: float
+    max_discharge_kw: float
+    soc_floor: float
+    derate_above_c: float
+    refuse_discharge_above_c: float
+    min_soh_for_discharge: float
+    discharge_throughput_budget_kwh: float | None
+    charge_efficiency: float
+    discharge_efficiency: float
+
+
+class Connection(_Frozen):
+    charger_id: str
+    max_charge_kw: float
+    max_discharge_kw: float
+    since: datetime
+
+
+class Reading(_Frozen):
+    measured_at: datetime
+    soc: float
+    battery_temp_c: float
+    soh: float
+
+
+class Trip(_Frozen):
+    departure_at: datetime
+    energy_needed_kwh: float
+
+
+class Lease(_Frozen):
+    controller_id: str
+    lease_until: datetime
+
+    def live(self, at: datetime) -> bool:
+        # Half-open: a lease is live while at < lease_until; at lease_until it is expired.
+        return at < self.lease_until
+
+
+class Setpoint(_Frozen):
+    controller_id: str
+    requested_power_kw: float
+    power_kw: float
+    since: datetime
+    valid_until: datetime
+    limited_by: tuple[LimitReason, ...] = ()
+
+
+class VehicleState(_Frozen):
+    vehicle_id: str
+    spec: VehicleSpec | None = None
+    connection: Connection | None = None
+    reading: Reading | None = None
+    trip: Trip | None = None
+    lease: Lease | None = None
+    setpoint: Setpoint | None = None
+    safe_state_reason: str | None = None
+    # Metered at the charger (grid side); the warranty budget counts discharged_kwh.
+    charged_kwh_total: float = 0.0
+    discharged_kwh_total: float = 0.0
+    metered_until: datetime | None = None
+    # Battery-side energy that ended setpoints may have moved since `reading`,
+    # assuming full power; reset by a reading newer than everything booked.
+    charged_since_reading_kwh: float = 0.0
+    discharged_since_reading_kwh: float = 0.0
+    booked_until: datetime | None = None
+    # The last refusal event, as a key: repeating the same refused request with
+    # nothing changed in between adds nothing. Any other event clears it.
+    last_refusal: str | None = None
+
+    @property
+    def registered(self) -> bool:
+        return self.spec is not None
+
+
+# Queries a dispatcher may reuse: what the state implies, at a given time.
+
+
+def _setpoint_energy_kwh(state: VehicleState, setpoint: Setpoint, until: datetime) -> float:
+    """Battery-side energy (signed) the setpoint moves after the last reading, up to `until`."""
+    assert state.spec is not None
+    start = setpoint.since
+    if state.reading is not None and state.reading.measured_at > start:
+        start = state.reading.measured_at
+    end = min(until, setpoint.valid_until)
+    hours = (end - start).total_seconds() / 3600.0
+    if hours <= 0 or setpoint.power_kw == 0:
+        return 0.0
+    if setpoint.power_kw > 0:
+        return setpoint.power_kw * hours * state.spec.charge_efficiency
+    return setpoint.power_kw * hours / state.spec.discharge_efficiency
+
+
+def energy_bounds_kwh(state: VehicleState, at: datetime) -> tuple[float, float]:
+    """(lower, upper) bound on the battery energy at `at`, from the last reading.
+
+    Raises:
+        ValueError: no telemetry has been reported yet.
+    """
+    if state.spec is None or state.reading is None:
+        raise ValueError(f"vehicle {state.vehicle_id!r}: soc unknown, no telemetry reported")
+    energy_kwh = state.reading.soc * state.spec.battery_capacity_kwh
+    low = energy_kwh - state.discharged_since_reading_kwh
+    high = energy_kwh + state.charged_since_reading_kwh
+    if state.setpoint is not None:
+        moved = _setpoint_energy_kwh(state, state.setpoint, at)
+        if moved < 0:
+            low += moved
+        else:
+            high += moved
+    return low, high
+
+
+def soc_bounds(state: VehicleState, at: datetime) -> tuple[float, float]:
+    """(lower, upper) bound on the SoC (0..1, unclamped) at `at`."""
+    assert state.spec is not None
+    low, high = energy_bounds_kwh(state, at)
+    return low / state.spec.battery_capacity_kwh, high / state.spec.battery_capacity_kwh
+
+
+def reserve_kwh(state: VehicleState) -> float:
+    """Battery energy no discharge may touch: max(SoC floor, the next trip's energy)."""
+    assert state.spec is not None
+    floor_kwh = state.spec.soc_floor * state.spec.battery_capacity_kwh
+    if state.trip is None:
+        return floor_kwh
+    return max(floor_kwh, state.trip.energy_needed_kwh)
+
+
+def reserve_soc(state: VehicleState) -> float:
+    assert state.spec is not None
+    return reserve_kwh(state) / state.spec.battery_capacity_kwh
+
+
+def available_discharge_kwh(state: VehicleState, at: datetime) -> float:
+    """Battery-side energy above the reserve at `at` (0 without telemetry).
+
+    Grid-side exportable energy is this times `discharge_efficiency`.
+    """
+    if state.reading is None:
+        return 0.0
+    low, _ = energy_bounds_kwh(state, at)
+    return max(0.0, low - reserve_kwh(state))
+
+
+def available_charge_kwh(state: VehicleState, at: datetime) -> float:
+    """Battery-side room below 100 % at `at` (0 without telemetry)."""
+    if state.spec is None or state.reading is None:
+        return 0.0
+    _, high = energy_bounds_kwh(state, at)
+    return max(0.0, state.spec.battery_capacity_kwh - high)
+
+
+def thermal_derating(state: VehicleState) -> float:
+    """Factor 0..1 on the vehicle's discharge power for the last battery temperature."""
+    assert state.spec is not None
+    if state.reading is None:
+        return 1.0
+    spec, temp_c = state.spec, state.reading.battery_temp_c
+    if temp_c <= spec.derate_above_c:
+        return 1.0
+    if temp_c >= spec.refuse_discharge_above_c:
+        return 0.0
+    span_c = spec.refuse_discharge_above_c - spec.derate_above_c
+    return (spec.refuse_discharge_above_c - temp_c) / span_c
+
+
+def discharge_refusal(state: VehicleState) -> str | None:
+    """Why this vehicle may not discharge at all right now, or None.
+
+    Energy (the reserve) and the lease are judged per setpoint, not here.
+    """
+    spec = state.spec
+    if spec is None:
+        return f"vehicle {state.vehicle_id!r} is not registered"
+    if state.connection is None:
+        return "not plugged in: a nonzero power_kw needs a charger"
+    if state.reading is None:
+        return "soc unknown: no telemetry reported yet"
+    if state.reading.soh < spec.min_soh_for_discharge:
+        return (
+            f"soh {state.reading.soh:.3f} is below min_soh_for_discharge "
+            f"{spec.min_soh_for_discharge:.3f}: the battery is excluded from discharge"
+        )
+    if state.reading.battery_temp_c >= spec.refuse_discharge_above_c:
+        return (
+            f"battery_temp_c {state.reading.battery_temp_c:.1f} is at or above "
+            f"refuse_discharge_above_c {spec.refuse_discharge_above_c:.1f}"
+        )
+    budget = spec.discharge_throughput_budget_kwh
+    if budget is not None and state.discharged_kwh_total >= budget:
+        return (
+            f"battery throughput exceeded: discharged_kwh {state.discharged_kwh_total:.1f} "
+            f"of the {budget:.1f} kWh warranty budget"
+        )
+    if spec.max_discharge_kw == 0:
+        return "vehicle cannot discharge: max_discharge_kw is 0"
+    if state.connection.max_discharge_kw == 0:
+        return (
+            f"charger {state.connection.charger_id!r} cannot discharge: "
+            "charger_max_discharge_kw is 0"
+        )
+    return None
+
+
+def _discharge_limits_kw(
+    state: VehicleState, at: datetime, hours: float
+) -> str | list[tuple[LimitReason, float]]:
+    refusal = discharge_refusal(state)
+    if refusal is not None:
+        return refusal
+    spec, connection = state.spec, state.connection
+    assert spec is not None and connection is not None
+    limits: list[tuple[LimitReason, float]] = [
+        ("vehicle_power", spec.max_discharge_kw),
+        ("charger_power", connection.max_discharge_kw),
+    ]
+    derating = thermal_derating(state)
+    if derating < 1.0:
+        limits.append(("thermal_derating", spec.max_discharge_kw * derating))
+    available = available_discharge_kwh(state, at)
+    reserve_limit_kw = available * spec.discharge_efficiency / hours * (1.0 - _SAFETY_MARGIN)
+    if reserve_limit_kw < MIN_POWER_KW:
+        return _reserve_reason(state, at)
+    limits.append(("soc_reserve", reserve_limit_kw))
+    budget = spec.discharge_throughput_budget_kwh
+    if budget is not None:
+        budget_limit_kw = (budget - state.discharged_kwh_total) / hours
+        if budget_limit_kw < MIN_POWER_KW:
+            return (
+                f"battery throughput exceeded: {budget - state.discharged_kwh_total:.4f} kWh "
+                f"left of the {budget:.1f} kWh warranty budget"
+            )
+        limits.append(("throughput_budget", budget_limit_kw))
+    return limits
+
+
+def _reserve_reason(state: VehicleState, at: datetime) -> str:
+    assert state.spec is not None
+    low, _ = soc_bounds(state, at)
+    floor_kwh = state.spec.soc_floor * state.spec.battery_capacity_kwh
+    if state.trip is not None and state.trip.energy_needed_kwh > floor_kwh:
+        held_for = (
+            f"the trip at {state.trip.departure_at.isoformat()} needs "
+            f"{state.trip.energy_needed_kwh:.1f} kWh"
+        )
+    else:
+        held_for = f"soc_floor {state.spec.soc_floor:.3f}"
+    return (
+        f"soc reserve: soc (lower bound {low:.3f}) leaves nothing above the reserve "
+        f"{reserve_soc(state):.3f} ({held_for})"
+    )
+
+
+def _charge_limits_kw(
+    state: VehicleState, at: datetime, hours: float
+) -> str | list[tuple[LimitReason, float]]:
+    spec, connection = state.spec, state.connection
+    assert spec is not None
+    if connection is None:
+        return "not plugged in: a nonzero power_kw needs a charger"
+    if state.reading is None:
+        return "soc unknown: no telemetry reported yet"
+    if spec.max_charge_kw == 0:
+        return "vehicle cannot charge: max_charge_kw is 0"
+    if connection.max_charge_kw == 0:
+        return f"charger {connection.charger_id!r} cannot charge: charger_max_charge_kw is 0"
+    room_limit_kw = available_charge_kwh(state, at) / spec.charge_efficiency / hours
+    if room_limit_kw < MIN_POWER_KW:
+        _, high = soc_bounds(state, at)
+        return f"battery full: soc (upper bound {high:.3f}) leaves no room to charge"
+    return [
+        ("vehicle_power", spec.max_charge_kw),
+        ("charger_power", connection.max_charge_kw),
+        ("soc_full", room_limit_kw),
+    ]
+
+
+def _lease_refusal(state: VehicleState, controller_id: str, at: datetime) -> str | None:
+    lease = state.lease
+    if lease is not None and lease.controller_id == controller_id and lease.live(at):
+        return None
+    prefix = f"controller {controller_id!r} does not hold the control lease"
+    if lease is None:
+        return f"{prefix}: no controller holds it"
+    if not lease.live(at):
+        return (
+            f"{prefix}: the lease of {lease.controller_id!r} expired at "
+            f"{lease.lease_until.isoformat()}"
+        )
+    return f"{prefix}: {lease.controller_id!r} holds it until {lease.lease_until.isoformat()}"
+
+
+def _judge_setpoint(
+    state: VehicleState, controller_id: str, power_kw: float, valid_until: datetime, at: datetime
+) -> VehicleSetpointAccepted | VehicleSetpointRejected:
+    def rejected(reason: str) -> VehicleSetpointRejected:
+        return VehicleSetpointRejected(
+            vehicle_id=state.vehicle_id,
+            at=at,
+            controller_id=controller_id,
+            requested_power_kw=power_kw,
+            valid_until=valid_until,
+            reason=reason,
+        )
+
+    def accepted(granted_kw: float, limited_by: tuple[LimitReason, ...]) -> VehicleSetpointAccepted:
+        return VehicleSetpointAccepted(
+            vehicle_id=state.vehicle_id,
+            at=at,
+            controller_id=controller_id,
+            requested_power_kw=power_kw,
+            power_kw=granted_kw,
+            valid_until=valid_until,
+            limited_by=limited_by,
+        )
+
+    lease_refusal = _lease_refusal(state, controller_id, at)
+    if lease_refusal is not None:
+        return rejected(lease_refusal)
+    if power_kw == 0:
+        return accepted(0.0, ())
+    assert state.lease is not None
+    if valid_until > state.lease.lease_until:
+        return rejected(
+            f"valid_until {valid_until.isoformat()} is after the control lease ends at "
+            f"{state.lease.lease_until.isoformat()}: renew the lease first"
+        )
+    hours = (valid_until - at).total_seconds() / 3600.0
+    if power_kw < 0:
+        limits = _discharge_limits_kw(state, at, hours)
+    else:
+        limits = _charge_limits_kw(state, at, hours)
+    if isinstance(limits, str):
+        return rejected(limits)
+    requested_kw = abs(power_kw)
+    granted_kw = min(requested_kw, *(limit_kw for _, limit_kw in limits))
+    # Name the limits that set the power (each of them on a tie), not every limit
+    # that happened to be below the request.
+    limited_by = tuple(
+        reason
+        for reason, limit_kw in limits
+        if granted_kw < requested_kw and limit_kw <= granted_kw + _SAME_POWER_KW
+    )
+    return accepted(math.copysign(granted_kw, power_kw), limited_by)
+
+
+def _refusal_key(event: VehicleSetpointRejected | VehicleControlRefused) -> str:
+    if isinstance(event, VehicleSetpointRejected):
+        return (
+            f"setpoint|{event.controller_id}|{event.requested_power_kw!r}|"
+            f"{event.valid_until.isoformat()}|{event.reason}"
+        )
+    return f"control|{event.controller_id}|{event.reason}"
+
+
+# ---------------------------------------------------------------------------
+# initial_state and evolve
+
+
+def initial_state(vehicle_id: str) -> VehicleState:
+    return VehicleState(vehicle_id=vehicle_id)
+
+
+def _ending_setpoint(state: VehicleState, at: datetime) -> dict[str, Any]:
+    """The state changes that end the active setpoint at `at`, booking what it moved."""
+    setpoint = state.setpoint
+    if setpoint is None:
+        return {"setpoint": None}
+    moved_kwh = _setpoint_energy_kwh(state, setpoint, at)
+    ended_at = min(at, setpoint.valid_until)
+    booked_until = state.booked_until
+    changes: dict[str, Any] = {
+        "setpoint": None,
+        "booked_until": ended_at if booked_until is None else max(booked_until, ended_at),
+    }
+    if moved_kwh < 0:
+        changes["discharged_since_reading_kwh"] = state.discharged_since_reading_kwh - moved_kwh
+    elif moved_kwh > 0:
+        changes["charged_since_reading_kwh"] = state.charged_since_reading_kwh + moved_kwh
+    return changes
+
+
+def _changed(state: VehicleState, **changes: Any) -> VehicleState:
+    return state.model_copy(update={"last_refusal": None, **changes})
+
+
+def evolve(state: VehicleState, event: Event) -> VehicleState:
+    # Parts of the state are built with model_construct: their values come from an
+    # event that pydantic has already validated, and evolve runs once per event on
+    # every replay.
+    match event:
+        case VehicleTelemetryReported():
+            changes: dict[str, Any] = {
+                "reading": Reading.model_construct(
+                    measured_at=event.measured_at,
+                    soc=event.soc,
+                    battery_temp_c=event.battery_temp_c,
+                    soh=event.soh,
+                )
+            }
+            # A reading newer than every booked setpoint already includes what they
+            # moved. An older one does not, so the bookings stay (counted twice at
+            # worst, which only makes the bounds wider).
+            if state.booked_until is None or event.measured_at >= state.booked_until:
+                changes |= {
+                    "charged_since_reading_kwh": 0.0,
+                    "discharged_since_reading_kwh": 0.0,
+                    "booked_until": None,
+                }
+            return _changed(state, **changes)
+        case VehicleSetpointAccepted():
+            setpoint = Setpoint.model_construct(
+                controller_id=event.controller_id,
+                requested_power_kw=event.requested_power_kw,
+                power_kw=event.power_kw,
+                since=event.at,
+                valid_until=event.valid_until,
+                limited_by=event.limited_by,
+            )
+            return _changed(state, **{**_ending_setpoint(state, event.at), "setpoint": setpoint})
+        case VehicleSetpointRejected():
+            changes = {"last_refusal": _refusal_key(event)}
+            if state.setpoint is not None and state.setpoint.controller_id == event.controller_id:
+                changes |= _ending_setpoint(state, event.at)
+            return state.model_copy(update=changes)
+        case VehicleSetpointCurtailed():
+            assert state.setpoint is not None
+            curtailed = state.setpoint.model_copy(
+                update={"power_kw": event.power_kw, "since": event.at}
+            )
+            return _changed(state, **{**_ending_setpoint(state, event.at), "setpoint": curtailed})
+        case VehicleEnergyRecorded():
+            return _changed(
+                state,
+                charged_kwh_total=state.charged_kwh_total + event.charged_kwh,
+                discharged_kwh_total=state.discharged_kwh_total + event.discharged_kwh,
+                metered_until=event.interval_end,
+            )
+        case VehicleControlGranted():
+            changes = {
+                "lease": Lease.model_construct(
+                    controller_id=event.controller_id, lease_until=event.lease_until
+                ),
+                "safe_state_reason": None,
+            }
+            if state.setpoint is not None and state.setpoint.controller_id != event.controller_id:
+                changes |= _ending_setpoint(state, event.at)
+            return _changed(state, **changes)
+        case VehicleControlRefused():
+            return state.model_copy(update={"last_refusal": _refusal_key(event)})
+        case VehicleControlReleased():
+            return _changed(state, lease=None, **_ending_setpoint(state, event.at))
+        case VehicleSafeStateEntered():
+            return _changed(
+                state,
+                lease=None,
+                safe_state_reason=event.reason,
+                **_ending_setpoint(state, event.at),
+            )
+        case VehiclePluggedIn():
+            connection = Connection.model_construct(
+                charger_id=event.charger_id,
+                max_charge_kw=event.charger_max_charge_kw,
+                max_discharge_kw=event.charger_max_discharge_kw,
+                since=event.at,
+            )
+            trip = state.trip
+            # Plugged in again after the trip's departure: that trip has been driven.
+            if trip is not None and trip.departure_at <= event.at:
+                trip = None
+            return _changed(
+                state, connection=connection, trip=trip, **_ending_setpoint(state, event.at)
+            )
+        case VehicleUnplugged():
+            return _changed(state, connection=None, **_ending_setpoint(state, event.at))
+        case VehicleTripPlanned():
+            trip = Trip.model_construct(
+                departure_at=event.departure_at, energy_needed_kwh=event.energy_needed_kwh
+            )
+            return _changed(state, trip=trip)
+        case VehicleTripCancelled():
+            return _changed(state, trip=None)
+        case VehicleRegistered():
+            spec = VehicleSpec.model_validate(event.model_dump(exclude={"vehicle_id", "at"}))
+            return _changed(state, spec=spec)
+    raise TypeError(f"vehicle cannot evolve with {type(event).__name__}")
+
+
+# ---------------------------------------------------------------------------
+# decide
+
+
+def _register(command: RegisterVehicle, state: VehicleState) -> list[Event]:
+    if command.refuse_discharge_above_c <= command.derate_above_c:
+        raise CommandRejected(
+            f"refuse_discharge_above_c {command.refuse_discharge_above_c} must be above "
+            f"derate_above_c {command.derate_above_c}"
+        )
+    spec = VehicleSpec.model_validate(
+        command.model_dump(exclude={"vehicle_id", "command_id", "issued_at", "correlation_id"})
+    )
+    if state.spec == spec:
+        return []
+    if state.spec is not None:
+        registered = state.spec.model_dump()
+        differing = ", ".join(
+            f"{name} {registered[name]!r} != {value!r}"
+            for name, value in spec.model_dump().items()
+            if registered[name] != value
+        )
+        raise CommandRejected(
+            f"vehicle {state.vehicle_id!r} is already registered with different data "
+            f"({differing}); re-registering does not change settings"
+        )
+    return [
+        VehicleRegistered(vehicle_id=state.vehicle_id, at=command.issued_at, **spec.model_dump())
+    ]
+
+
+def _plug_in(command: PlugIn, state: VehicleState) -> list[Event]:
+    connection = state.connection
+    if (
+        connection is not None
+        and connection.charger_id == command.charger_id
+        and connection.max_charge_kw == command.charger_max_charge_kw
+        and connection.max_discharge_kw == command.charger_max_discharge_kw
+    ):
+        return []
+    # A plug-in without the unplug before it (a lost message, a new charger, new
+    # charger limits) is the newer fact: it replaces the connection.
+    return [
+        VehiclePluggedIn(
+            vehicle_id=state.vehicle_id,
+            at=command.issued_at,
+            charger_id=command.charger_id,
+            charger_max_charge_kw=command.charger_max_charge_kw,
+            charger_max_discharge_kw=command.charger_max_discharge_kw,
+        )
+    ]
+
+
+def _unplug(command: Unplug, state: VehicleState) -> list[Event]:
+    if state.connection is None:
+        return []
+    return [
+        VehicleUnplugged(
+            vehicle_id=state.vehicle_id,
+            at=command.issued_at,
+            charger_id=state.connection.charger_id,
+        )
+    ]
+
+
+def _curtailment(state: VehicleState, at: datetime) -> VehicleSetpointCurtailed | None:
+    """Curtail the active discharge if the state no longer allows it at its power."""
+    setpoint = state.setpoint
+    if setpoint is None or setpoint.power_kw >= 0 or at >= setpoint.valid_until:
+        return None
+    judged = _judge_setpoint(
+        state, setpoint.controller_id, setpoint.power_kw, setpoint.valid_until, at
+    )
+    if isinstance(judged, VehicleSetpointRejected):
+        power_kw, reason = 0.0, judged.reason
+    elif abs(judged.power_kw) < abs(setpoint.power_kw) - _SAME_POWER_KW:
+        power_kw = judged.power_kw
+        reason = "discharge limits changed: limited by " + ", ".join(judged.limited_by)
+    else:
+        return None
+    return VehicleSetpointCurtailed(
+        vehicle_id=state.vehicle_id,
+        at=at,
+        controller_id=setpoint.controller_id,
+        previous_power_kw=setpoint.power_kw,
+        power_kw=power_kw,
+        reason=reason,
+    )
+
+
+def _with_curtailment(state: VehicleState, events: list[Event], at: datetime) -> list[Event]:
+    if state.setpoint is None or state.setpoint.power_kw >= 0:
+        return events  # only an active discharge is ever curtailed
+    after = state
+    for event in events:
+        after = evolve(after, event)
+    curtailed = _curtailment(after, at)
+    return events if curtailed is None else [*events, curtailed]
+
+
+def _report_telemetry(command: ReportTelemetry, state: VehicleState) -> list[Event]:
+    # MQTT redelivers and reorders. A reading no newer than the last one is a
+    # duplicate or superseded: the state is "the latest known battery", and letting
+    # an old SoC overwrite a newer one would hand the planner a battery that no
+    # longer exists. Not an error for the gateway, so no rejection either.
+    if state.reading is not None and command.measured_at <= state.reading.measured_at:
+        return []
+    reported = VehicleTelemetryReported(
+        vehicle_id=state.vehicle_id,
+        at=command.issued_at,
+        measured_at=command.measured_at,
+        soc=command.soc,
+        battery_temp_c=command.battery_temp_c,
+        soh=command.soh,
+    )
+    return _with_curtailment(state, [reported], command.issued_at)
+
+
+def _plan_trip(command: PlanTrip, state: VehicleState) -> list[Event]:
+    assert state.spec is not None
+    if command.departure_at <= command.issued_at:
+        raise CommandRejected(
+            f"departure_at {command.departure_at.isoformat()} must be after issued_at "
+            f"{command.issued_at.isoformat()}"
+        )
+    if command.energy_needed_kwh > state.spec.battery_capacity_kwh:
+        raise CommandRejected(
+            f"energy_needed_kwh {command.energy_needed_kwh} exceeds battery_capacity_kwh "
+            f"{state.spec.battery_capacity_kwh}"
+        )
+    trip = state.trip
+    if (
+        trip is not None
+        and trip.departure_at == command.departure_at
+        and trip.energy_needed_kwh == command.energy_needed_kwh
+    ):
+        return []
+    planned = VehicleTripPlanned(
+        vehicle_id=state.vehicle_id,
+        at=command.issued_at,
+        departure_at=command.departure_at,
+        energy_needed_kwh=command.energy_needed_kwh,
+    )
+    return _with_curtailment(state, [planned], command.issued_at)
+
+
+def _cancel_trip(command: CancelTrip, state: VehicleState) -> list[Event]:
+    if state.trip is None:
+        return []
+    return [VehicleTripCancelled(vehicle_id=state.vehicle_id, at=command.issued_at)]
+
+
+def _grant_control(command: GrantControl, state: VehicleState) -> list[Event]:
+    at = command.issued_at
+    if command.lease_until <= at:
+        raise CommandRejected(
+            f"lease_until {command.lease_until.isoformat()} must be after issued_at "
+            f"{at.isoformat()}"
+        )
+    lease = state.lease
+    if lease is not None and lease.live(at) and lease.controller_id != command.controller_id:
+        refused = VehicleControlRefused(
+            vehicle_id=state.vehicle_id,
+            at=at,
+            controller_id=command.controller_id,
+            holder_id=lease.controller_id,
+            reason=(
+                f"controller {lease.controller_id!r} holds the control lease until "
+                f"{lease.lease_until.isoformat()}; one controller at a time"
+            ),
+        )
+        return [] if state.last_refusal == _refusal_key(refused) else [refused]
+    if (
+        lease is not None
+        and lease.live(at)
+        and lease.controller_id == command.controller_id
+        and lease.lease_until == command.lease_until
+    ):
+        return []
+    granted = VehicleControlGranted(
+        vehicle_id=state.vehicle_id,
+        at=at,
+        controller_id=command.controller_id,
+        lease_until=command.lease_until,
+    )
+    # A renewal may shorten the lease below the active setpoint's valid_until.
+    return _with_curtailment(state, [granted], at)
+
+
+def _release_control(command: ReleaseControl, state: VehicleState) -> list[Event]:
+    lease = state.lease
+    if lease is None:
+        return []
+    if lease.controller_id != command.controller_id:
+        raise CommandRejected(
+            f"controller {command.controller_id!r} cannot release control: "
+            f"{lease.controller_id!r} holds the lease"
+        )
+    return [
+        VehicleControlReleased(
+            vehicle_id=state.vehicle_id, at=command.issued_at, controller_id=lease.controller_id
+        )
+    ]
+
+
+def _record_energy(command: RecordEnergy, state: VehicleState) -> list[Event]:
+    if command.interval_end <= command.interval_start:
+        raise CommandRejected(
+            f"interval_end {command.interval_end.isoformat()} must be after interval_start "
+            f"{command.interval_start.isoformat()}"
+        )
+    metered_until = state.metered_until
+    if metered_until is not None and command.interval_end <= metered_until:
+        return []  # already counted (a redelivery) or older than what is counted
+    if metered_until is not None and command.interval_start < metered_until:
+        raise CommandRejected(
+            f"interval_start {command.interval_start.isoformat()} overlaps energy already "
+            f"metered up to {metered_until.isoformat()}: it would be counted twice"
+        )
+    recorded = VehicleEnergyRecorded(
+        vehicle_id=state.vehicle_id,
+        at=command.issued_at,
+        interval_start=command.interval_start,
+        interval_end=command.interval_end,
+        charged_kwh=command.charged_kwh,
+        discharged_kwh=command.discharged_kwh,
+    )
+    return _with_curtailment(state, [recorded], command.issued_at)
+
+
+def _request_setpoint(command: RequestSetpoint, state: VehicleState) -> list[Event]:
+    if command.valid_until <= command.issued_at:
+        raise CommandRejected(
+            f"valid_until {command.valid_until.isoformat()} must be after issued_at "
+            f"{command.issued_at.isoformat()}"
+        )
+    judged = _judge_setpoint(
+        state, command.controller_id, command.power_kw, command.valid_until, command.issued_at
+    )
+    if isinstance(judged, VehicleSetpointRejected):
+        return [] if state.last_refusal == _refusal_key(judged) else [judged]
+    active = state.setpoint
+    if (
+        active is not None
+        and active.controller_id == judged.controller_id
+        and active.requested_power_kw == judged.requested_power_kw
+        and active.valid_until == judged.valid_until
+        and abs(active.power_kw - judged.power_kw) <= _SAME_POWER_KW
+        and active.limited_by == judged.limited_by
+    ):
+        return []
+    return [judged]
+
+
+def _enforce_safe_state(command: EnforceSafeState, state: VehicleState) -> list[Event]:
+    if state.safe_state_reason is not None and state.lease is None and state.setpoint is None:
+        return []
+    return [
+        VehicleSafeStateEntered(
+            vehicle_id=state.vehicle_id, at=command.issued_at, reason=command.reason
+        )
+    ]
+
+
+def decide(command: VehicleCommand, state: VehicleState) -> list[Event]:
+    if command.vehicle_id != state.vehicle_id:
+        raise CommandRejected(
+            f"vehicle_id {command.vehicle_id!r} does not match the stream of {state.vehicle_id!r}"
+        )
+    if isinstance(command, RegisterVehicle):
+        return _register(command, state)
+    if state.spec is None:
+        raise UnknownEntity(f"vehicle {state.vehicle_id!r} is not registered")
+    match command:
+        case ReportTelemetry():
+            return _report_telemetry(command, state)
+        case RequestSetpoint():
+            return _request_setpoint(command, state)
+        case RecordEnergy():
+            return _record_energy(command, state)
+        case GrantControl():
+            return _grant_control(command, state)
+        case ReleaseControl():
+            return _release_control(command, state)
+        case EnforceSafeState():
+            return _enforce_safe_state(command, state)
+        case PlugIn():
+            return _plug_in(command, state)
+        case Unplug():
+            return _unplug(command, state)
+        case PlanTrip():
+            return _plan_trip(command, state)
+        case CancelTrip():
+            return _cancel_trip(command, state)
+    raise CommandRejected(f"the vehicle does not handle {type(command).__name__}")
+
+
+VEHICLE: Decider[VehicleState] = Decider(
+    kind="vehicle",
+    command_types=(
+        RegisterVehicle,
+        PlugIn,
+        Unplug,
+        ReportTelemetry,
+        PlanTrip,
+        CancelTrip,
+        GrantControl,
+        ReleaseControl,
+        RecordEnergy,
+        RequestSetpoint,
+        EnforceSafeState,
+    ),
+    state_type=VehicleState,
+    initial_state=initial_state,
+    evolve=evolve,
+    decide=decide,
+)
+
+__all__ = [
+    "MIN_POWER_KW",
+    "VEHICLE",
+    "CancelTrip",
+    "Connection",
+    "EnforceSafeState",
+    "GrantControl",
+    "Lease",
+    "PlanTrip",
+    "PlugIn",
+    "Reading",
+    "RecordEnergy",
+    "RegisterVehicle",
+    "ReleaseControl",
+    "ReportTelemetry",
+    "RequestSetpoint",
+    "Setpoint",
+    "Trip",
+    "Unplug",
+    "VehicleCommand",
+    "VehicleSpec",
+    "VehicleState",
+    "available_charge_kwh",
+    "available_discharge_kwh",
+    "decide",
+    "discharge_refusal",
+    "energy_bounds_kwh",
+    "evolve",
+    "initial_state",
+    "reserve_kwh",
+    "reserve_soc",
+    "soc_bounds",
+    "thermal_derating",
+]
