@@ -15,7 +15,7 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any, Generic, Literal, TypeVar
 
-from pydantic import BaseModel, ConfigDict
+from pydantic import BaseModel
 
 from events.base import Command, Event
 
@@ -55,15 +55,15 @@ class Decider(Generic[S]):
         return state
 
 
-class CommandResult(BaseModel):
+@dataclass(frozen=True, slots=True, kw_only=True)
+class CommandResult:
     """The answer to one command; a repeated `command_id` gets the first answer again.
 
     status: `recorded` (events appended at `positions`), `unchanged` (the state
     already said what the command asks; nothing appended) or `rejected` (invalid;
-    nothing appended; `reason` says why).
+    nothing appended; `reason` says why). A plain dataclass, not a pydantic model:
+    hosts create and ship one per command, so it must be cheap.
     """
-
-    model_config = ConfigDict(frozen=True, extra="forbid")
 
     command_id: str
     stream_id: str
@@ -76,3 +76,39 @@ class CommandResult(BaseModel):
     @property
     def ok(self) -> bool:
         return self.status != "rejected"
+
+    def __reduce__(self) -> tuple[Any, tuple[Any, ...]]:
+        # Positional rebuild: 3x cheaper than the default for a frozen, slotted class,
+        # and hosts send a thousand of these per batch.
+        return (
+            _command_result,
+            (
+                self.command_id,
+                self.stream_id,
+                self.status,
+                self.positions,
+                self.event_types,
+                self.reason,
+                self.duplicate,
+            ),
+        )
+
+
+def _command_result(
+    command_id: str,
+    stream_id: str,
+    status: Literal["recorded", "unchanged", "rejected"],
+    positions: tuple[int, ...],
+    event_types: tuple[str, ...],
+    reason: str,
+    duplicate: bool,
+) -> CommandResult:
+    return CommandResult(
+        command_id=command_id,
+        stream_id=stream_id,
+        status=status,
+        positions=positions,
+        event_types=event_types,
+        reason=reason,
+        duplicate=duplicate,
+    )

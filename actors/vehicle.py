@@ -40,6 +40,7 @@ from events.vehicle import (
     KilowattHours,
     LimitReason,
     Reason,
+    TelemetrySource,
     VehicleControlGranted,
     VehicleControlRefused,
     VehicleControlReleased,
@@ -137,6 +138,7 @@ class ReportTelemetry(_VehicleCommand):
     soc: Fraction
     battery_temp_c: Celsius
     soh: Fraction
+    source: TelemetrySource = "operator"  # gateways say "mqtt" / "ocpp"
 
 
 class PlanTrip(_VehicleCommand):
@@ -810,6 +812,7 @@ def _report_telemetry(command: ReportTelemetry, state: VehicleState) -> list[Eve
         soc=command.soc,
         battery_temp_c=command.battery_temp_c,
         soh=command.soh,
+        source=command.source,
     )
     return _with_curtailment(state, [reported], command.issued_at)
 

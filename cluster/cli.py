@@ -7,6 +7,7 @@ command, a log that fails verification), 2 bad usage or input.
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import os
 import sys
@@ -107,7 +108,7 @@ def cmd_command(args: argparse.Namespace) -> int:
         return EXIT_REFUSED
     for r in results:
         if args.output_json:
-            _print_json(r.model_dump())
+            _print_json(dataclasses.asdict(r))
         else:
             detail = r.reason or ", ".join(r.event_types)
             dup = " (repeat: first answer)" if r.duplicate else ""

@@ -9,6 +9,7 @@ makes Ray's at-least-once retry exactly-once in effect.
 
 from __future__ import annotations
 
+import asyncio
 import os
 from collections import defaultdict
 from collections.abc import Sequence
@@ -36,21 +37,22 @@ def default_deciders() -> list[Decider[Any]]:
 class LogService:
     """The event log as a service: one process is the single writer of every partition.
 
-    Calls run in a thread pool (`max_concurrency`), so appends from many hosts meet
-    in the log's group commit.
+    An async actor: appends from many hosts are handed to the log's writer thread
+    without blocking the event loop, so they meet in one group commit; slow reads
+    run in a worker thread.
     """
 
     def __init__(self, root: str, partitions: int = 4, seal_events: int = 500_000) -> None:
         self.root = root
         self.log = EventLog(root, partitions=partitions, seal_events=seal_events)
 
-    def append_batch(self, batch: pa.RecordBatch) -> list[AppendOutcome]:
-        return self.log.append_batch(batch)
+    async def append_batch(self, batch: pa.RecordBatch) -> list[AppendOutcome]:
+        return await asyncio.wrap_future(self.log.submit_batch(batch))
 
-    def lookup_commands(self, command_ids: Sequence[str]) -> dict[str, Appended]:
+    async def lookup_commands(self, command_ids: Sequence[str]) -> dict[str, Appended]:
         return self.log.lookup_commands(command_ids)
 
-    def read_all(
+    async def read_all(
         self,
         from_position: int = 1,
         to_position: int | None = None,
@@ -58,27 +60,32 @@ class LogService:
         shard: tuple[int, int] | None = None,
         partition: int | None = None,
     ) -> pa.Table:
-        return self.log.read_all(from_position, to_position, columns, shard, partition)
-
-    def read_stream(self, stream_id: str, from_version: int = 1) -> pa.Table:
-        table = self.log.read_all(partition=stream_hash(stream_id) % self.log.partition_count)
-        return table.filter(
-            pa.compute.and_(
-                pa.compute.equal(table.column("stream_id"), stream_id),
-                pa.compute.greater_equal(table.column("stream_version"), from_version),
-            )
+        return await asyncio.to_thread(
+            self.log.read_all, from_position, to_position, columns, shard, partition
         )
 
-    def wait_for(self, after_position: int, timeout_s: float) -> int:
-        return self.log.wait_for(after_position, timeout_s)
+    async def read_stream(self, stream_id: str, from_version: int = 1) -> pa.Table:
+        def read() -> pa.Table:
+            table = self.log.read_all(partition=stream_hash(stream_id) % self.log.partition_count)
+            return table.filter(
+                pa.compute.and_(
+                    pa.compute.equal(table.column("stream_id"), stream_id),
+                    pa.compute.greater_equal(table.column("stream_version"), from_version),
+                )
+            )
 
-    def watermark(self) -> int:
+        return await asyncio.to_thread(read)
+
+    async def wait_for(self, after_position: int, timeout_s: float) -> int:
+        return await asyncio.to_thread(self.log.wait_for, after_position, timeout_s)
+
+    async def watermark(self) -> int:
         return self.log.watermark
 
-    def flush(self) -> None:
-        self.log.flush_seals()
+    async def flush(self) -> None:
+        await asyncio.to_thread(self.log.flush_seals)
 
-    def ping(self) -> str:
+    async def ping(self) -> str:
         return "ok"
 
 
@@ -191,7 +198,7 @@ class Runtime:
                 namespace=NAMESPACE,
                 get_if_exists=True,
                 lifetime="detached",
-                max_concurrency=32,
+                max_concurrency=64,
                 max_restarts=-1,
                 max_task_retries=-1,
                 num_cpus=0,

@@ -46,10 +46,14 @@ class Event(BaseModel):
 
 
 def event_class(type_name: str) -> type[Event]:
-    try:
-        return Event._registry[type_name]
-    except KeyError:
-        raise UnknownEventType(f"unknown event type {type_name!r}") from None
+    cls = Event._registry.get(type_name)
+    if cls is None:
+        import events.catalog  # noqa: F401  (registers every event module's types)
+
+        cls = Event._registry.get(type_name)
+    if cls is None:
+        raise UnknownEventType(f"unknown event type {type_name!r}")
+    return cls
 
 
 def register_upcaster(type_name: str, from_version: int) -> Callable[[Upcaster], Upcaster]:

@@ -16,11 +16,11 @@ Sign convention: power_kw > 0 charges the vehicle, power_kw < 0 discharges it (V
 
 from __future__ import annotations
 
-from typing import Annotated, Literal
+from typing import Annotated, Any, ClassVar, Literal
 
 from pydantic import AfterValidator, AwareDatetime, Field
 
-from events.base import Event, utc
+from events.base import Event, register_upcaster, utc
 
 UtcDatetime = Annotated[AwareDatetime, AfterValidator(utc)]
 Kilowatts = Annotated[float, Field(allow_inf_nan=False)]
@@ -92,8 +92,18 @@ class VehicleUnplugged(Event):
     charger_id: str
 
 
+TelemetrySource = Literal["mqtt", "ocpp", "operator", "simulator", "unrecorded"]
+
+
 class VehicleTelemetryReported(Event):
-    """A newer battery reading than any before it."""
+    """A newer battery reading than any before it.
+
+    Schema version 2 added `source`, the channel the reading came through, so an
+    auditor can tell a value the car reported from one an operator typed in.
+    Version-1 events are read as `source="unrecorded"` (see the upcaster below).
+    """
+
+    schema_version: ClassVar[int] = 2
 
     vehicle_id: str
     at: UtcDatetime
@@ -101,6 +111,13 @@ class VehicleTelemetryReported(Event):
     soc: Fraction
     battery_temp_c: Celsius
     soh: Fraction
+    source: TelemetrySource
+
+
+@register_upcaster("VehicleTelemetryReported", from_version=1)
+def _telemetry_v1_to_v2(payload: dict[str, Any]) -> dict[str, Any]:
+    # Version 1 did not say where a reading came from; we do not guess.
+    return {**payload, "source": "unrecorded"}
 
 
 class VehicleTripPlanned(Event):

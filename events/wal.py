@@ -30,7 +30,7 @@ def encode_frame(batch: pa.RecordBatch) -> bytes:
     sink = pa.BufferOutputStream()
     with pa.ipc.new_stream(sink, RECORD_SCHEMA) as writer:
         writer.write_batch(batch)
-    payload = sink.getvalue().to_pybytes()
+    payload: bytes = sink.getvalue().to_pybytes()
     return _HEADER.pack(MAGIC, len(payload), zlib.crc32(payload)) + payload
 
 

@@ -64,14 +64,20 @@ def telemetry_batches(
         version = i // n_vehicles + 3  # after VehicleRegistered, VehiclePluggedIn
         at = T0 + timedelta(seconds=10 * (i // n_vehicles))
         event = VehicleTelemetryReported(
-            vehicle_id=f"v{v}", at=at, measured_at=at, soc=0.5, battery_temp_c=25.0, soh=0.97
+            vehicle_id=f"v{v}",
+            at=at,
+            measured_at=at,
+            soc=0.5,
+            battery_temp_c=25.0,
+            soh=0.97,
+            source="simulator",
         )
         builder.add(
             f"vehicle-v{v}",
             version,
             f"tel-{v}-{version}/0",
             "VehicleTelemetryReported",
-            1,
+            VehicleTelemetryReported.schema_version,
             at,
             f"tel-{v}-{version}",
             "",

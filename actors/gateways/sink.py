@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from collections.abc import Sequence
+from dataclasses import replace
 from typing import Protocol
 
 from actors.decider import CommandResult
@@ -31,7 +32,7 @@ class RecordingSink:
         for command in commands:
             if command.command_id in self._seen:
                 first = self._seen[command.command_id]
-                results.append(first.model_copy(update={"duplicate": True}))
+                results.append(replace(first, duplicate=True))
                 continue
             self.commands.append(command)
             result = CommandResult(

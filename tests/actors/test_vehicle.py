@@ -110,7 +110,13 @@ def plugged(minute: float = 0, charge_kw: float = 22.0, discharge_kw: float = 22
 
 def reading(soc: float, temp_c: float = 25.0, soh: float = 0.95, minute: float = 0) -> Event:
     return VehicleTelemetryReported(
-        vehicle_id=VID, at=t(minute), measured_at=t(minute), soc=soc, battery_temp_c=temp_c, soh=soh
+        vehicle_id=VID,
+        at=t(minute),
+        measured_at=t(minute),
+        soc=soc,
+        battery_temp_c=temp_c,
+        soh=soh,
+        source="operator",
     )
 
 
@@ -829,7 +835,7 @@ def test_the_state_snapshot_round_trips_through_json() -> None:
 def test_vehicle_events_are_registered_frozen_and_strict() -> None:
     for cls in VEHICLE_EVENTS:
         assert event_class(cls.__name__) is cls
-        assert cls.schema_version == 1
+        assert cls.schema_version == (2 if cls is VehicleTelemetryReported else 1)
         assert cls.model_config.get("frozen") and cls.model_config.get("extra") == "forbid"
     event = setpoint_accepted(-5, limited_by=("soc_reserve",))
     assert load_event(type(event).type_name(), 1, event.model_dump_json()) == event

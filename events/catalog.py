@@ -1,0 +1,10 @@
+"""Every event module, imported so that every stored event type has its class.
+
+Readers of the log (hosts, projections, the verifier's callers) may meet any event
+type; `events.base.event_class` imports this module the first time it meets a type
+it does not know yet.
+"""
+
+from events import charger, inverter, market, vehicle
+
+__all__ = ["charger", "inverter", "market", "vehicle"]
