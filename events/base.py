@@ -90,8 +90,10 @@ def upcast(type_name: str, schema_version: int, payload: Payload) -> Payload:
 
 
 def load_event(type_name: str, schema_version: int, payload_json: str) -> Event:
-    payload = upcast(type_name, schema_version, json.loads(payload_json))
-    return event_class(type_name).model_validate(payload)
+    cls = event_class(type_name)
+    if schema_version == cls.schema_version:  # the common case: validate the JSON directly
+        return cls.model_validate_json(payload_json)
+    return cls.model_validate(upcast(type_name, schema_version, json.loads(payload_json)))
 
 
 def _no_control_characters(value: str) -> str:

@@ -614,6 +614,12 @@ class EventLog:
                 os.remove(path)  # fully sealed before the crash
                 continue
             part.wals.append(wal)
+        # A write-ahead file that was rotated but whose sealing the crash interrupted
+        # is sealed now, in order, before anything newer: the invariant "only the
+        # newest write-ahead file is unsealed" is what lets `sealed_through` decide
+        # which write-ahead rows a segment already holds.
+        for wal in part.wals[:-1]:
+            self._seal(part, wal)
         if part.wals:
             part.file = os.open(part.wals[-1].path, os.O_WRONLY | os.O_APPEND)
         else:
