@@ -64,6 +64,8 @@ class EntityHost:
         log: the event log (or a port to it).
         shard: which slice of the entities this host owns.
         snapshot_dir: where snapshots live; `None` disables them.
+        snapshot_every: take a snapshot after this many new events, so that a
+            restart folds at most about this many events per shard.
     """
 
     def __init__(
@@ -72,8 +74,11 @@ class EntityHost:
         log: LogPort,
         shard: Shard = Shard(),
         snapshot_dir: str | None = None,
+        snapshot_every: int = 50_000,
     ) -> None:
         self.decider = decider
+        self.snapshot_every = snapshot_every
+        self._since_snapshot = 0
         self.log = log
         self.shard = shard
         self._prefix = f"{decider.kind}-"
@@ -140,6 +145,9 @@ class EntityHost:
         if appended:
             outcomes = self.log.append_batch(builder.build())
             self._settle(appended, outcomes, tentative, results)
+            self._since_snapshot += len(builder)
+            if self._snapshot_path is not None and self._since_snapshot >= self.snapshot_every:
+                self.snapshot()
         return [r for r in results if r is not None]
 
     def _settle(
@@ -313,6 +321,7 @@ class EntityHost:
             f.flush()
             os.fsync(f.fileno())
         os.replace(tmp, self._snapshot_path)
+        self._since_snapshot = 0
         return self.position
 
     def _load_snapshot(self) -> int:

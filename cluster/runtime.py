@@ -42,7 +42,7 @@ class LogService:
     run in a worker thread.
     """
 
-    def __init__(self, root: str, partitions: int = 4, seal_events: int = 500_000) -> None:
+    def __init__(self, root: str, partitions: int = 4, seal_events: int = 100_000) -> None:
         self.root = root
         self.log = EventLog(root, partitions=partitions, seal_events=seal_events)
 
@@ -146,7 +146,7 @@ class RuntimeConfig:
     name: str = "fleet"  # several systems can share one Ray cluster under different names
     data_dir: str = "var"
     partitions: int = 4
-    seal_events: int = 500_000
+    seal_events: int = 100_000
     shards: dict[str, int] = field(default_factory=lambda: {"vehicle": 2})
     num_cpus: int | None = None
     address: str | None = None  # None: start (or join) a local Ray

@@ -168,7 +168,7 @@ class EventLog:
         self,
         root: str,
         partitions: int = 4,
-        seal_events: int = 500_000,
+        seal_events: int = 100_000,
         filesystem: pafs.FileSystem | None = None,
     ) -> None:
         self.root = root
@@ -182,7 +182,6 @@ class EventLog:
         ]
         self._versions: dict[str, int] = {}
         self._commands: dict[str, int] = {}
-        self._command_streams: dict[str, str] = {}
         self._watermark = 0
         self._state = threading.Condition()
         self._recover()
@@ -263,7 +262,7 @@ class EventLog:
             for cmd in command_ids:
                 packed = self._commands.get(cmd)
                 if packed is not None:
-                    found[cmd] = self._duplicate(cmd, packed)
+                    found[cmd] = self._duplicate(cmd, packed, "")
         return found
 
     def version(self, stream_id: str) -> int:
@@ -330,7 +329,6 @@ class EventLog:
     ) -> list[list[AppendOutcome]]:
         versions: dict[str, int] = {}
         new_commands: dict[str, int] = {}
-        new_streams: dict[str, str] = {}
         outcomes: list[list[AppendOutcome]] = []
         accepted_tables: list[pa.Table] = []
         accepted_positions: list[np.ndarray] = []
@@ -353,7 +351,7 @@ class EventLog:
                 if prior is None:
                     prior = self._commands.get(cmd)
                 if prior is not None:
-                    results.append(self._duplicate(cmd, prior))
+                    results.append(self._duplicate(cmd, prior, sid))
                     i = j
                     continue
                 current = versions.get(sid)
@@ -368,7 +366,6 @@ class EventLog:
                 take.extend(range(i, j))
                 positions.extend(range(position, position + count))
                 new_commands[cmd] = (position << _COUNT_BITS) | count
-                new_streams[cmd] = sid
                 versions[sid] = current + count
                 results.append(Appended(cmd, sid, position, count))
                 position += count
@@ -385,16 +382,18 @@ class EventLog:
         with self._state:
             self._versions.update(versions)
             self._commands.update(new_commands)
-            self._command_streams.update(new_streams)
             self._next_position = position
             self._watermark = position - 1
             self._state.notify_all()
         return outcomes
 
-    def _duplicate(self, cmd: str, packed: int) -> Appended:
+    @staticmethod
+    def _duplicate(cmd: str, packed: int, stream_id: str) -> Appended:
+        # The index keeps positions only (memory: one int per command); the stream
+        # is the one the repeated request names.
         return Appended(
             cmd,
-            self._command_streams.get(cmd, ""),
+            stream_id,
             packed >> _COUNT_BITS,
             packed & ((1 << _COUNT_BITS) - 1),
             duplicate=True,
@@ -542,24 +541,26 @@ class EventLog:
             self._watermark = 0
             return
         self._watermark = int(pc.max(index.column("position")).as_py())
-        by_stream = index.group_by("stream_id").aggregate([("stream_version", "max")])
-        self._versions = dict(
-            zip(
-                by_stream.column("stream_id").to_pylist(),
-                by_stream.column("stream_version_max").to_pylist(),
-                strict=True,
+        # Rows of one partition are in position order, so the last row of a stream
+        # holds its version, and a command's events are adjacent rows: both indexes
+        # come from one pass without hashing a million strings twice.
+        streams = pc.dictionary_encode(index.column("stream_id").combine_chunks())
+        codes = streams.indices.to_numpy(False)
+        latest = np.zeros(len(streams.dictionary), dtype=np.int64)
+        np.maximum.at(latest, codes, index.column("stream_version").to_numpy())
+        self._versions = dict(zip(streams.dictionary.to_pylist(), latest.tolist(), strict=True))
+        cmds = index.column("command_id").combine_chunks()
+        n = len(cmds)
+        starts = np.flatnonzero(
+            np.concatenate(
+                [[True], pc.not_equal(cmds.slice(1), cmds.slice(0, n - 1)).to_numpy(False)]
             )
         )
-        by_cmd = index.group_by("command_id").aggregate(
-            [("position", "min"), ("position", "count"), ("stream_id", "min")]
-        )
-        cmds = by_cmd.column("command_id").to_pylist()
-        packed = (by_cmd.column("position_min").to_numpy() << _COUNT_BITS) | by_cmd.column(
-            "position_count"
-        ).to_numpy()
-        self._commands = dict(zip(cmds, packed.tolist(), strict=True))
-        self._command_streams = dict(
-            zip(cmds, by_cmd.column("stream_id_min").to_pylist(), strict=True)
+        counts = np.diff(np.append(starts, n))
+        first = index.column("position").to_numpy()[starts]
+        packed = (first << _COUNT_BITS) | counts
+        self._commands = dict(
+            zip(cmds.take(pa.array(starts)).to_pylist(), packed.tolist(), strict=True)
         )
 
     def _recover_partition(self, part: _Partition) -> None:

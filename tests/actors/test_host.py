@@ -113,3 +113,16 @@ def test_a_host_refuses_commands_for_another_shard(log):
     answers = [h.handle([command])[0] for h in hosts]
     assert sorted(a.status for a in answers) == ["recorded", "rejected"]
     assert "belongs to shard" in next(a.reason for a in answers if a.status == "rejected")
+
+
+def test_a_host_snapshots_by_itself_every_n_events(log, tmp_path):
+    snaps = tmp_path / "snapshots"
+    host = EntityHost(COUNTER, log, snapshot_dir=str(snaps), snapshot_every=3)
+    host.handle([cmd(OpenCounter, "c1", counter_id="a"), cmd(Add, "c2", counter_id="a", amount=1)])
+    assert not snaps.exists()
+    host.handle([cmd(Add, "c3", counter_id="a", amount=1)])
+    assert (snaps / "counter-0-of-1.json").exists()
+    host.handle([cmd(Add, "c4", counter_id="a", amount=1)])
+
+    restored = EntityHost(COUNTER, log, snapshot_dir=str(snaps))
+    assert restored.state("a").total == 3  # the snapshot plus the one event after it
