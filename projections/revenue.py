@@ -1,0 +1,246 @@
+"""Revenue by stream, every euro traced to the events it comes from.
+
+One row of ``revenue_lines`` per amount; ``energy_position`` is the event that states
+the quantity (metered kWh, reserved capacity, delivered regulation energy, avoided
+peak) and ``price_position`` the event that states its price.
+
+``arbitrage``  metered kWh (``VehicleEnergyRecorded``, split into 15-minute pieces by
+    the energy projection) x the price of the interval holding the piece's start, from a
+    market registered as ``settlement_kind`` (``day_ahead`` by default). The price is the
+    latest version (``PricePublished`` / ``PriceRevised``) the log holds for that market
+    and interval, so a revision re-prices the energy it covers; with several settlement
+    markets the lowest ``market_id`` wins. Discharged kWh earn, charged kWh cost:
+    ``quantity`` is the net export (discharged - charged) in kWh. Energy with no price
+    yet has a row with NULL price and revenue, so unpriced energy stays visible.
+``regulation_capacity``  ``RegulationCapacityReserved``: (up_kw + down_kw) / 1000 MW x
+    ``price_eur_per_mw_per_h`` x interval_minutes / 60.
+``regulation_energy``  ``RegulationEnergyDelivered``: energy_kwh / 1000 MWh x
+    ``price_eur_per_mwh``.
+``peak_shaving``  ``PeakShavingDelivered``: a demand charge is billed on the month's
+    highest peak, so the saving of a site in a (UTC) month is its largest
+    ``avoided_peak_kw x demand_charge_eur_per_kw_month`` of the month, on the row of
+    the event that achieved it (ties: the earliest).
+
+Amounts are DECIMAL(18, 6) EUR, rounded half away from zero per row.
+"""
+
+from __future__ import annotations
+
+import duckdb
+
+from projections.energy import run
+from projections.store import event_rows
+
+__all__ = ["REVENUE_STREAMS", "RevenueProjection"]
+
+REVENUE_STREAMS = ("arbitrage", "peak_shaving", "regulation_capacity", "regulation_energy")
+_DEC = "DECIMAL(18,6)"
+_BUCKET = "INTERVAL 15 MINUTE"
+
+
+class RevenueProjection:
+    name = "revenue"
+    depends_on: tuple[str, ...] = ("energy",)
+    tables = ("revenue_markets", "revenue_price_slots", "revenue_peak_facts", "revenue_lines")
+
+    def __init__(self, settlement_kind: str = "day_ahead") -> None:
+        self.settlement_kind = settlement_kind
+
+    def create(self, con: duckdb.DuckDBPyConnection) -> None:
+        con.execute(f"""
+            CREATE TABLE IF NOT EXISTS revenue_markets (
+                market_id VARCHAR, kind VARCHAR, position BIGINT);
+            CREATE TABLE IF NOT EXISTS revenue_price_slots (
+                market_id VARCHAR, slot TIMESTAMP, interval_start TIMESTAMP,
+                version BIGINT, price_eur_per_mwh {_DEC}, position BIGINT);
+            CREATE TABLE IF NOT EXISTS revenue_peak_facts (
+                site_id VARCHAR, month DATE, position BIGINT, interval_start TIMESTAMP,
+                avoided_peak_kw {_DEC}, demand_charge_eur_per_kw_month {_DEC});
+            CREATE TABLE IF NOT EXISTS revenue_lines (
+                stream VARCHAR, site_id VARCHAR, vehicle_id VARCHAR, market_id VARCHAR,
+                interval_start TIMESTAMP, quantity {_DEC}, quantity_unit VARCHAR,
+                price {_DEC}, price_unit VARCHAR, revenue_eur {_DEC},
+                energy_position BIGINT, price_position BIGINT);
+            CREATE OR REPLACE VIEW revenue_daily AS
+            SELECT CAST(interval_start AS DATE) AS day, site_id, stream,
+                   sum(revenue_eur) AS revenue_eur, count(*) AS lines
+            FROM revenue_lines GROUP BY ALL;
+        """)
+
+    def apply(self, con: duckdb.DuckDBPyConnection, after: int, through: int) -> None:
+        self._arbitrage(con, after, through)
+        self._regulation(con, after, through)
+        self._peak_shaving(con, after, through)
+
+    # ------------------------------------------------------------------ arbitrage
+
+    def _arbitrage(self, con: duckdb.DuckDBPyConnection, after: int, through: int) -> None:
+        markets = event_rows(["MarketRegistered"], {"market_id": "VARCHAR", "kind": "VARCHAR"})
+        run(
+            con,
+            f"INSERT INTO revenue_markets SELECT p.market_id, p.kind, position FROM ({markets})",
+            after,
+            through,
+        )
+        prices = event_rows(
+            ["PricePublished", "PriceRevised"],
+            {
+                "market_id": "VARCHAR",
+                "interval_start": "TIMESTAMPTZ",
+                "interval_minutes": "INTEGER",
+                "version": "BIGINT",
+                "price_eur_per_mwh": _DEC,
+                "new_price_eur_per_mwh": _DEC,
+            },
+        )
+        # A price covers the 15-minute slots whose start lies in its interval.
+        run(
+            con,
+            f"""
+            CREATE OR REPLACE TEMP TABLE _new_slots AS
+            SELECT market_id,
+                   unnest(generate_series(
+                       time_bucket({_BUCKET}, s - INTERVAL 1 MICROSECOND) + {_BUCKET},
+                       s + to_minutes(minutes) - INTERVAL 1 MICROSECOND,
+                       {_BUCKET})) AS slot,
+                   s AS interval_start, version, price, position
+            FROM (SELECT p.market_id AS market_id, timezone('UTC', p.interval_start) AS s,
+                         p.interval_minutes AS minutes, p.version AS version,
+                         coalesce(p.new_price_eur_per_mwh, p.price_eur_per_mwh) AS price, position
+                  FROM ({prices}))
+            """,
+            after,
+            through,
+        )
+        con.execute("INSERT INTO revenue_price_slots SELECT * FROM _new_slots")
+        con.execute("""
+            DELETE FROM revenue_lines WHERE stream = 'arbitrage'
+              AND interval_start IN (SELECT slot FROM _new_slots)
+        """)
+        run(
+            con,
+            f"""
+            INSERT INTO revenue_lines
+            WITH pieces AS (
+                SELECT * FROM energy_vehicle_metered
+                WHERE (position > $after AND position <= $through)
+                   OR interval_start IN (SELECT slot FROM _new_slots)
+            ),
+            best AS (
+                SELECT ps.* FROM revenue_price_slots ps
+                JOIN (SELECT market_id FROM revenue_markets WHERE kind = ?
+                      QUALIFY row_number() OVER (PARTITION BY market_id ORDER BY position DESC) = 1
+                     ) m USING (market_id)
+                WHERE ps.slot IN (SELECT interval_start FROM pieces)
+                QUALIFY row_number() OVER (PARTITION BY ps.slot
+                                           ORDER BY ps.market_id, ps.version DESC,
+                                                    ps.position DESC) = 1
+            )
+            SELECT 'arbitrage', e.site_id, e.vehicle_id, b.market_id, e.interval_start,
+                   e.discharged_kwh - e.charged_kwh, 'kWh', b.price_eur_per_mwh, 'EUR/MWh',
+                   CAST((e.discharged_kwh - e.charged_kwh) * b.price_eur_per_mwh / 1000 AS {_DEC}),
+                   e.position, b.position
+            FROM pieces e LEFT JOIN best b ON b.slot = e.interval_start
+            """.replace("?", "'" + self.settlement_kind.replace("'", "''") + "'"),
+            after,
+            through,
+        )
+        con.execute("DROP TABLE _new_slots")
+
+    # ------------------------------------------------------------------ grid services
+
+    def _regulation(self, con: duckdb.DuckDBPyConnection, after: int, through: int) -> None:
+        capacity = event_rows(
+            ["RegulationCapacityReserved"],
+            {
+                "site_id": "VARCHAR",
+                "interval_start": "TIMESTAMPTZ",
+                "interval_minutes": "INTEGER",
+                "up_kw": _DEC,
+                "down_kw": _DEC,
+                "price_eur_per_mw_per_h": _DEC,
+            },
+        )
+        energy = event_rows(
+            ["RegulationEnergyDelivered"],
+            {
+                "site_id": "VARCHAR",
+                "vehicle_id": "VARCHAR",
+                "interval_start": "TIMESTAMPTZ",
+                "energy_kwh": _DEC,
+                "price_eur_per_mwh": _DEC,
+            },
+        )
+        run(
+            con,
+            f"""
+            INSERT INTO revenue_lines
+            SELECT 'regulation_capacity', p.site_id, NULL, NULL,
+                   timezone('UTC', p.interval_start),
+                   CAST((p.up_kw + p.down_kw) / 1000 * p.interval_minutes / 60 AS {_DEC}), 'MW*h',
+                   p.price_eur_per_mw_per_h, 'EUR/(MW*h)',
+                   CAST((p.up_kw + p.down_kw) * p.price_eur_per_mw_per_h * p.interval_minutes
+                        / 60000 AS {_DEC}),
+                   position, position
+            FROM ({capacity})
+            UNION ALL
+            SELECT 'regulation_energy', p.site_id, p.vehicle_id, NULL,
+                   timezone('UTC', p.interval_start), p.energy_kwh, 'kWh',
+                   p.price_eur_per_mwh, 'EUR/MWh',
+                   CAST(p.energy_kwh * p.price_eur_per_mwh / 1000 AS {_DEC}), position, position
+            FROM ({energy})
+            """,
+            after,
+            through,
+        )
+
+    def _peak_shaving(self, con: duckdb.DuckDBPyConnection, after: int, through: int) -> None:
+        peaks = event_rows(
+            ["PeakShavingDelivered"],
+            {
+                "site_id": "VARCHAR",
+                "interval_start": "TIMESTAMPTZ",
+                "avoided_peak_kw": _DEC,
+                "demand_charge_eur_per_kw_month": _DEC,
+            },
+        )
+        run(
+            con,
+            f"""
+            INSERT INTO revenue_peak_facts
+            SELECT p.site_id, CAST(date_trunc('month', timezone('UTC', p.interval_start)) AS DATE),
+                   position, timezone('UTC', p.interval_start), p.avoided_peak_kw,
+                   p.demand_charge_eur_per_kw_month
+            FROM ({peaks})
+            """,
+            after,
+            through,
+        )
+        run(
+            con,
+            """
+            CREATE OR REPLACE TEMP TABLE _months AS
+            SELECT DISTINCT site_id, month FROM revenue_peak_facts
+            WHERE position > $after AND position <= $through
+            """,
+            after,
+            through,
+        )
+        con.execute("""
+            DELETE FROM revenue_lines r USING _months m
+            WHERE r.stream = 'peak_shaving' AND r.site_id = m.site_id
+              AND CAST(date_trunc('month', r.interval_start) AS DATE) = m.month
+        """)
+        con.execute(f"""
+            INSERT INTO revenue_lines
+            SELECT 'peak_shaving', f.site_id, NULL, NULL, f.interval_start, f.avoided_peak_kw,
+                   'kW', f.demand_charge_eur_per_kw_month, 'EUR/(kW*month)',
+                   CAST(f.avoided_peak_kw * f.demand_charge_eur_per_kw_month AS {_DEC}),
+                   f.position, f.position
+            FROM revenue_peak_facts f JOIN _months m USING (site_id, month)
+            QUALIFY row_number() OVER (
+                PARTITION BY f.site_id, f.month
+                ORDER BY f.avoided_peak_kw * f.demand_charge_eur_per_kw_month DESC, f.position
+            ) = 1
+        """)
+        con.execute("DROP TABLE _months")

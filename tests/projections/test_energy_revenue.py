@@ -1,0 +1,196 @@
+"""Energy and revenue projections on the story log: every figure worked out by hand."""
+
+from __future__ import annotations
+
+import os
+from datetime import datetime
+from decimal import Decimal
+
+import pytest
+
+from events.market import PricePublished
+from events.vehicle import VehicleEnergyRecorded, VehicleSetpointAccepted, VehicleSetpointCurtailed
+from projections.sql_guard import query
+from projections.store import ProjectionStore
+from tests.projections.test_store import T0, LogBuilder, at, build_story, story_steps
+
+
+@pytest.fixture
+def db(tmp_path: object) -> str:
+    root = os.path.join(str(tmp_path), "log")
+    build_story(root)
+    path = os.path.join(str(tmp_path), "p.duckdb")
+    with ProjectionStore(path) as store:
+        store.apply(root)
+    return path
+
+
+def rows(db: str, sql: str) -> list[dict[str, object]]:
+    return query(db, sql).to_pylist()
+
+
+def energy(db: str, source: str) -> dict[int, tuple[Decimal, Decimal]]:
+    """minute of the interval after 10:00 -> (charged, discharged)."""
+    out = {}
+    for r in rows(db, f"SELECT * FROM energy WHERE source = '{source}' ORDER BY interval_start"):
+        start = r["interval_start"]
+        assert isinstance(start, datetime)
+        out[(start.hour - 10) * 60 + start.minute] = (r["charged_kwh"], r["discharged_kwh"])
+    return out
+
+
+def test_commanded_energy_is_power_times_overlap_until_the_next_setpoint_or_safe_state(
+    db: str,
+) -> None:
+    # +11 kW from 10:00, replaced at 10:20 by -7 kW (valid to 11:00), safe state at 10:50.
+    assert energy(db, "setpoint") == {
+        0: (Decimal("2.750000"), Decimal("0")),
+        15: (Decimal("0.916667"), Decimal("1.166667")),
+        30: (Decimal("0"), Decimal("1.750000")),
+        45: (Decimal("0"), Decimal("0.583333")),
+    }
+
+
+def test_vehicle_meter_records_are_split_over_the_intervals_they_span(db: str) -> None:
+    assert energy(db, "vehicle_meter") == {
+        0: (Decimal("2.75"), Decimal("0")),
+        15: (Decimal("0.458334"), Decimal("1.458333")),  # half of 0.916667 / 2.916667, rounded
+        30: (Decimal("0.458334"), Decimal("1.458333")),
+        60: (Decimal("0"), Decimal("1")),
+    }
+
+
+def test_charger_meter_counts_register_increases_in_the_interval_they_close(db: str) -> None:
+    # registers 100 -> 102.75 (10:15) -> 103.666667 import, 50 -> 53.5 export (11:00)
+    assert energy(db, "charger_meter") == {
+        0: (Decimal("2.75"), Decimal("0")),
+        45: (Decimal("0.916667"), Decimal("3.5")),
+    }
+    [r] = rows(db, "SELECT DISTINCT site_id, charger_id FROM energy WHERE source = 'charger_meter'")
+    assert r == {"site_id": "depot-a", "charger_id": "cp-1"}
+
+
+def test_arbitrage_uses_the_latest_price_version_and_names_its_events(db: str) -> None:
+    lines = rows(
+        db,
+        "SELECT interval_start, quantity, price, revenue_eur, energy_position, price_position, "
+        "market_id FROM revenue_lines WHERE stream = 'arbitrage' ORDER BY interval_start",
+    )
+    assert [(r["quantity"], r["price"], r["revenue_eur"]) for r in lines] == [
+        (Decimal("-2.75"), Decimal("120"), Decimal("-0.33")),  # charged: costs, revised price
+        (Decimal("0.999999"), Decimal("120"), Decimal("0.12")),
+        (Decimal("0.999999"), Decimal("120"), Decimal("0.12")),
+        (Decimal("1"), Decimal("250"), Decimal("0.25")),  # 11:00 hour, first version
+    ]
+    assert {r["market_id"] for r in lines} == {"nl"}  # the real-time market does not settle
+    # every euro traces to its events: positions are the story's steps (one event each)
+    positions = {(r["interval_start"].hour, r["price_position"]) for r in lines}  # type: ignore[union-attr]
+    steps = story_steps()
+    revision = next(i for i, s in enumerate(steps) if type(s[1][0]).__name__ == "PriceRevised")
+    eleven = next(
+        i
+        for i, s in enumerate(steps)
+        if type(s[1][0]).__name__ == "PricePublished" and s[1][0].interval_start.hour == 11  # type: ignore[attr-defined]
+    )
+    assert positions == {(10, revision + 1), (11, eleven + 1)}
+
+
+def test_grid_service_streams(db: str) -> None:
+    got = {
+        r["stream"]: (r["quantity"], r["revenue_eur"])
+        for r in rows(db, "SELECT * FROM revenue_lines WHERE stream <> 'arbitrage'")
+    }
+    assert got == {
+        "regulation_capacity": (Decimal("0.1"), Decimal("1.25")),  # 100 kW x 1 h x 12.5 EUR/MW/h
+        "regulation_energy": (Decimal("4"), Decimal("0.8")),  # 4 kWh x 200 EUR/MWh
+        "peak_shaving": (Decimal("30"), Decimal("150")),  # the month's best: 30 kW x 5 EUR/kW
+    }
+    daily = rows(db, "SELECT stream, revenue_eur FROM revenue_daily ORDER BY stream")
+    assert [r["revenue_eur"] for r in daily] == [
+        Decimal("0.16"),
+        Decimal("150"),
+        Decimal("1.25"),
+        Decimal("0.8"),
+    ]
+
+
+def test_energy_without_a_price_is_shown_then_priced_when_the_price_arrives(
+    tmp_path: object,
+) -> None:
+    root = os.path.join(str(tmp_path), "log")
+    steps = [s for s in story_steps()[:4]]  # registrations only, no prices
+    b = LogBuilder(root)
+    for stream, events, when in steps:
+        b.add(stream, *events, when=when)
+    b.add(
+        "vehicle-van-1",
+        VehicleEnergyRecorded(
+            vehicle_id="van-1",
+            at=at(15),
+            interval_start=at(0),
+            interval_end=at(15),
+            charged_kwh=0,
+            discharged_kwh=4.0,
+        ),
+    )
+    db = os.path.join(str(tmp_path), "p.duckdb")
+    with ProjectionStore(db) as store:
+        store.apply(root)
+        b.add(
+            "market-nl",
+            PricePublished(
+                market_id="nl",
+                interval_start=T0,
+                interval_minutes=60,
+                price_eur_per_mwh=80.0,
+                version=1,
+                received_at=T0,
+            ),
+        )
+        before = store.con.sql("SELECT price, revenue_eur FROM revenue_lines").fetchall()
+        store.apply(root)
+    b.close()
+    assert before == [(None, None)]
+    assert rows(db, "SELECT price, revenue_eur FROM revenue_lines") == [
+        {"price": Decimal("80"), "revenue_eur": Decimal("0.32")}
+    ]
+
+
+def test_a_curtailment_runs_at_its_power_until_the_setpoint_would_have_ended(
+    tmp_path: object,
+) -> None:
+    root = os.path.join(str(tmp_path), "log")
+    b = LogBuilder(root)
+    for stream, events, when in story_steps()[:4]:
+        b.add(stream, *events, when=when)
+    b.add(
+        "vehicle-van-1",
+        VehicleSetpointAccepted(
+            vehicle_id="van-1",
+            at=at(0),
+            controller_id="d",
+            requested_power_kw=-10,
+            power_kw=-10,
+            valid_until=at(30),
+        ),
+    )
+    b.add(
+        "vehicle-van-1",
+        VehicleSetpointCurtailed(
+            vehicle_id="van-1",
+            at=at(6),
+            controller_id="d",
+            previous_power_kw=-10,
+            power_kw=-4,
+            reason="soc reserve",
+        ),
+    )
+    b.close()
+    db = os.path.join(str(tmp_path), "p.duckdb")
+    with ProjectionStore(db) as store:
+        store.apply(root)
+    # 10:00-10:06 at 10 kW = 1 kWh, 10:06-10:15 at 4 kW = 0.6 kWh, 10:15-10:30 at 4 kW = 1 kWh
+    assert energy(db, "setpoint") == {
+        0: (Decimal("0"), Decimal("1.6")),
+        15: (Decimal("0"), Decimal("1")),
+    }
