@@ -29,9 +29,14 @@ NAMESPACE = "v2gfleet"
 
 
 def default_deciders() -> list[Decider[Any]]:
+    """Every entity kind the system hosts (each gets its own host shards)."""
+    from actors.charger import CHARGER, OCPP_GATEWAY
+    from actors.inverter import INVERTER
+    from actors.market import MARKET
+    from actors.telemetry import TELEMETRY_REJECTIONS
     from actors.vehicle import VEHICLE
 
-    return [VEHICLE]
+    return [VEHICLE, CHARGER, OCPP_GATEWAY, INVERTER, MARKET, TELEMETRY_REJECTIONS]
 
 
 class LogService:
@@ -270,8 +275,37 @@ class Runtime:
 
 
 def gather(refs: list[Any], order: list[list[int]], n: int) -> list[CommandResult]:
+    return _merge(order, ray.get(refs), n)
+
+
+def _merge(order: list[list[int]], batches: list[Any], n: int) -> list[CommandResult]:
     results: list[CommandResult | None] = [None] * n
-    for indices, batch in zip(order, ray.get(refs), strict=True):
+    for indices, batch in zip(order, batches, strict=True):
         for i, result in zip(indices, batch, strict=True):
             results[i] = result
     return [r for r in results if r is not None]
+
+
+class RuntimeSink:
+    """The `CommandSink` gateways use inside the system: commands go to their shards.
+
+    A command no entity kind handles is answered `rejected` (a gateway must never
+    crash on what a device sends).
+    """
+
+    def __init__(self, runtime: Runtime) -> None:
+        self._runtime = runtime
+
+    async def submit(self, commands: Sequence[Command]) -> list[CommandResult]:
+        if not commands:
+            return []
+        try:
+            refs, order = self._runtime.route(commands)
+        except TypeError as exc:
+            return [
+                CommandResult(
+                    command_id=c.command_id, stream_id="", status="rejected", reason=str(exc)
+                )
+                for c in commands
+            ]
+        return _merge(order, list(await asyncio.gather(*refs)), len(commands))

@@ -43,6 +43,7 @@ from paho.mqtt.properties import Properties
 from pydantic import AwareDatetime, BaseModel, ConfigDict, Field, ValidationError
 
 from actors.gateways.sink import CommandSink
+from actors.telemetry import RecordTelemetryRejection
 from events.base import Command
 
 log = logging.getLogger(__name__)
@@ -74,20 +75,6 @@ class TelemetryPayload(BaseModel):
     soh: float = Field(ge=0.0, le=1.0, allow_inf_nan=False)
     measured_at: AwareDatetime
     seq: int | None = Field(default=None, ge=0)
-
-
-class RecordTelemetryRejection(Command):
-    """A telemetry message that changed nothing, kept so an operator can see why."""
-
-    site_id: str = Field(min_length=1, max_length=64)
-    topic: str = Field(max_length=300)
-    vehicle_id: str = Field(default="", max_length=64)
-    reason: str = Field(max_length=500)
-    payload_excerpt: str = Field(default="", max_length=300)
-
-    @property
-    def stream_id(self) -> str:
-        return f"telemetry-rejections-{self.site_id}"
 
 
 @dataclass(frozen=True)
