@@ -147,6 +147,122 @@ def _client(args: argparse.Namespace) -> Any:
     return FleetClient.embedded(_data_dir(args))
 
 
+# ---------------------------------------------------------------- projections
+
+
+def _paths(args: argparse.Namespace) -> tuple[str, str]:
+    data = _data_dir(args)
+    return os.path.join(data, "log"), os.path.join(data, "projections.duckdb")
+
+
+def cmd_replay(args: argparse.Namespace) -> int:
+    from projections.replay import replay
+
+    log_root, db_path = _paths(args)
+    until = None
+    if args.until:
+        try:
+            until = datetime.fromisoformat(args.until)
+        except ValueError:
+            print(f"v2g: --until {args.until!r} is not an ISO-8601 time", file=sys.stderr)
+            return EXIT_USAGE
+        if until.tzinfo is None:
+            print("v2g: --until needs a timezone, e.g. 2024-06-01T00:00Z", file=sys.stderr)
+            return EXIT_USAGE
+    if not os.path.exists(os.path.join(log_root, "log.json")):
+        print(f"v2g: no event log at {log_root}", file=sys.stderr)
+        return EXIT_USAGE
+    positions = replay(log_root, db_path, until=until)
+    if args.json:
+        _print_json(positions)
+    else:
+        for name, position in sorted(positions.items()):
+            print(f"{name:<24} rebuilt through position {position}")
+    return EXIT_OK
+
+
+def cmd_audit_projections(args: argparse.Namespace) -> int:
+    from projections.replay import verify
+
+    log_root, db_path = _paths(args)
+    if not os.path.exists(db_path):
+        print(f"v2g: no projection database at {db_path}; run `v2g replay`", file=sys.stderr)
+        return EXIT_USAGE
+    report = verify(log_root, db_path)
+    if args.json:
+        _print_json(dataclasses.asdict(report))
+    elif report.ok:
+        print("projections equal a fresh replay of the log")
+    else:
+        print(f"projections DIFFER from a replay: {', '.join(report.differing_tables)}")
+    return EXIT_OK if report.ok else EXIT_REFUSED
+
+
+def cmd_export(args: argparse.Namespace) -> int:
+    from projections.export import ExportError, export
+
+    _, db_path = _paths(args)
+    try:
+        written = export(db_path, args.format, args.output)
+    except ExportError as exc:
+        print(f"v2g: {exc}", file=sys.stderr)
+        return EXIT_USAGE
+    for table, path in sorted(written.items()):
+        print(f"{table:<16} {path}")
+    return EXIT_OK
+
+
+def cmd_sql(args: argparse.Namespace) -> int:
+    from projections.sql_guard import ForbiddenStatement, QueryError, query
+
+    _, db_path = _paths(args)
+    try:
+        table = query(db_path, args.query)
+    except ForbiddenStatement as exc:
+        print(f"v2g: {exc}", file=sys.stderr)
+        return EXIT_REFUSED
+    except QueryError as exc:
+        print(f"v2g: {exc}", file=sys.stderr)
+        return EXIT_USAGE
+    if args.format == "json":
+        _print_json(table.to_pylist())
+    elif args.format == "csv":
+        import pyarrow.csv as pacsv
+
+        pacsv.write_csv(table, sys.stdout.buffer)
+    else:
+        from rich.console import Console
+        from rich.table import Table
+
+        out = Table()
+        for name in table.column_names:
+            out.add_column(name)
+        for row in table.to_pylist():
+            out.add_row(*("" if v is None else str(v) for v in row.values()))
+        Console().print(out)
+    return EXIT_OK
+
+
+def cmd_roi_report(args: argparse.Namespace) -> int:
+    from projections.report import roi_report
+    from projections.roi_config import RoiConfigError
+
+    _, db_path = _paths(args)
+    config = args.config or os.path.join(
+        os.path.dirname(os.path.dirname(os.path.abspath(__file__))),
+        "projections",
+        "roi_example.toml",
+    )
+    try:
+        report = roi_report(config, db_path, args.output)
+    except (RoiConfigError, FileNotFoundError) as exc:
+        print(f"v2g: {exc}", file=sys.stderr)
+        return EXIT_USAGE
+    for name, path in sorted(report.charts.items()):
+        print(f"chart {name}: {path}")
+    return EXIT_OK
+
+
 # ------------------------------------------------------------------------ demo
 
 
@@ -175,11 +291,39 @@ def build_parser() -> argparse.ArgumentParser:
     demo.set_defaults(func=cmd_demo)
 
     for name in ("log", "audit"):
-        group = sub.add_parser(name, help="verify the log's hash chain")
+        group = sub.add_parser(name, help="verify the log's hash chain (audit: and projections)")
         verbs = group.add_subparsers(dest="log_verb", required=True)
         verify = verbs.add_parser("verify", help="report the first altered/missing/reordered event")
         verify.add_argument("--json", action="store_true", help="machine-readable output")
         verify.set_defaults(func=cmd_log_verify)
+        if name == "audit":
+            proj = verbs.add_parser(
+                "projections", help="check the projections equal a fresh replay of the log"
+            )
+            proj.add_argument("--json", action="store_true", help="machine-readable output")
+            proj.set_defaults(func=cmd_audit_projections)
+
+    replay = sub.add_parser("replay", help="rebuild every projection from the log")
+    replay.add_argument("--until", help="only events that occurred up to this ISO-8601 time")
+    replay.add_argument("--json", action="store_true", help="machine-readable output")
+    replay.set_defaults(func=cmd_replay)
+
+    export = sub.add_parser("export", help="write telemetry, energy, revenue, degradation")
+    export.add_argument("--format", choices=["csv", "parquet"], default="csv")
+    export.add_argument("--output", default="export", help="folder (default ./export)")
+    export.set_defaults(func=cmd_export)
+
+    sql = sub.add_parser("sql", help="read-only SQL over the projections (see docs)")
+    sql.add_argument("query", help='e.g. "SELECT * FROM revenue LIMIT 5"')
+    sql.add_argument("--format", choices=["table", "csv", "json"], default="table")
+    sql.set_defaults(func=cmd_sql)
+
+    roi = sub.add_parser("roi", help="return on investment")
+    roi_verbs = roi.add_subparsers(dest="roi_verb", required=True)
+    report = roi_verbs.add_parser("report", help="summary table and PNG charts")
+    report.add_argument("--config", help="ROI config TOML (default: the shipped example)")
+    report.add_argument("--output", default="roi-report", help="folder for the charts")
+    report.set_defaults(func=cmd_roi_report)
 
     command = sub.add_parser(
         "command",

@@ -11,6 +11,7 @@ import os
 from dataclasses import dataclass
 
 import pyarrow as pa
+import pyarrow.compute as pc
 import pyarrow.fs as pafs
 import pyarrow.parquet as pq
 
@@ -79,7 +80,7 @@ def read_partition(part: PartitionFiles, filesystem: pafs.FileSystem | None = No
         batches = [b for b in scan(path).batches if b.num_rows]
         if batches:
             t = pa.Table.from_batches(batches, RECORD_SCHEMA)
-            tables.append(t.filter(pa.compute.greater(t.column("position"), sealed_through)))
+            tables.append(t.filter(pc.greater(t.column("position"), sealed_through)))
     if not tables:
         return RECORD_SCHEMA.empty_table()
     return pa.concat_tables(tables)

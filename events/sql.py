@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import duckdb
 import pyarrow as pa
+import pyarrow.compute as pc
 
 from events.reader import list_partitions
 from events.schema import RECORD_SCHEMA
@@ -24,7 +25,7 @@ def attach_log(con: duckdb.DuckDBPyConnection, root: str, view: str = "events") 
         sealed = part.segments[-1].last_position if part.segments else 0
         for path in part.wal_paths:
             for batch in scan(path).batches:
-                kept = batch.filter(pa.compute.greater(batch.column("position"), sealed))
+                kept = batch.filter(pc.greater(batch.column("position"), sealed))
                 if kept.num_rows:
                     tail.append(kept)
     tail_table = pa.Table.from_batches(tail, RECORD_SCHEMA)

@@ -20,6 +20,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 
 import pyarrow as pa
+import pyarrow.compute as pc
 
 from events.reader import PartitionFiles, list_partitions, read_partition
 from events.schema import GENESIS_HASH, body_column, chained_hash
@@ -100,9 +101,9 @@ def _check_segments(part: PartitionFiles, table: pa.Table) -> Problem | None:
     positions = table.column("position")
     for seg in part.segments:
         rows = table.filter(
-            pa.compute.and_(
-                pa.compute.greater_equal(positions, seg.first_position),
-                pa.compute.less_equal(positions, seg.last_position),
+            pc.and_(
+                pc.greater_equal(positions, seg.first_position),
+                pc.less_equal(positions, seg.last_position),
             )
         )
         last_hash = rows.column("hash")[-1].as_py() if rows.num_rows else b""

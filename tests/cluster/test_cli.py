@@ -81,3 +81,34 @@ def test_the_demo_tells_its_story_and_verifies(ray_session, tmp_path, capsys):
             if t == "VehicleSetpointAccepted"
         ]
     assert {a["vehicle_id"]: a["power_kw"] for a in accepted}["van-01"] == -11.0
+
+
+def _small_fleet_log(data) -> None:
+    from actors.host import EntityHost
+    from actors.vehicle import VEHICLE
+    from cluster.demo import demo_commands
+
+    with EventLog(str(data / "log")) as log:
+        host = EntityHost(VEHICLE, log)
+        for batch in demo_commands(3):
+            host.handle(batch)
+
+
+def test_replay_sql_audit_and_export_work_from_the_command_line(tmp_path, capsys):
+    data = tmp_path / "data"
+    _small_fleet_log(data)
+    args = ["--data-dir", str(data)]
+
+    assert main([*args, "audit", "projections"]) == 2  # nothing replayed yet
+    assert main([*args, "replay", "--json"]) == 0
+    assert json.loads(capsys.readouterr().out)["energy"] > 0
+    assert main([*args, "sql", "SELECT count(*) AS n FROM telemetry", "--format", "json"]) == 0
+    assert json.loads(capsys.readouterr().out) == [{"n": 3}]
+    assert main([*args, "sql", "DELETE FROM telemetry"]) == 1
+    assert "not allowed" in capsys.readouterr().err
+    assert main([*args, "sql", "SELEC 1"]) == 2
+    assert main([*args, "audit", "projections"]) == 0
+    out = tmp_path / "export"
+    assert main([*args, "export", "--format", "parquet", "--output", str(out)]) == 0
+    assert pq.read_table(out / "telemetry.parquet").num_rows == 3
+    assert main([*args, "replay", "--until", "2024-01-15"]) == 2  # no timezone
