@@ -44,6 +44,7 @@ class LogPort(Protocol):
         columns: Sequence[str] | None = None,
         shard: tuple[int, int] | None = None,
         partition: int | None = None,
+        stream_id: str | None = None,
     ) -> pa.Table: ...
 
 
@@ -95,9 +96,32 @@ class EntityHost:
     # ---------------------------------------------------------------- commands
 
     def handle(self, commands: Sequence[Command]) -> list[CommandResult]:
-        """Decide and record a batch of commands; one result per command, in order."""
+        """Decide and record a batch of commands; one result per command, in order.
+
+        The common path costs one log call: a repeated command that produces events
+        is caught by the log's own idempotency check at append time. Only commands
+        that would be answered without an append (`unchanged`, or refused by the
+        decider) are looked up first, because a repeat must get its first answer.
+        """
+        results, retry, judged = self._decide_and_append(commands)
+        maybe_repeats = [i for i, r in enumerate(results) if r.status == "unchanged" or i in judged]
+        if maybe_repeats:
+            known = self.log.lookup_commands([commands[i].command_id for i in maybe_repeats])
+            for i in maybe_repeats:
+                first = known.get(commands[i].command_id)
+                if first is not None:
+                    results[i] = self._repeat(commands[i], first)
+        if retry:  # decided on a state that assumed a repeat's events were new: once more
+            again = self.handle([commands[i] for i in retry])
+            for i, result in zip(retry, again, strict=True):
+                results[i] = result
+        return results
+
+    def _decide_and_append(
+        self, commands: Sequence[Command]
+    ) -> tuple[list[CommandResult], list[int], set[int]]:
         results: list[CommandResult | None] = [None] * len(commands)
-        known = self.log.lookup_commands([c.command_id for c in commands])
+        judged: set[int] = set()  # refused by the decider itself
         builder = PendingBatchBuilder()
         tentative: dict[str, tuple[Any, int]] = {}  # stream -> (state, version) after the batch
         appended: list[tuple[int, Command, list[Event]]] = []
@@ -107,21 +131,22 @@ class EntityHost:
             if problem:
                 results[i] = self._rejected(command, problem)
                 continue
-            first = known.get(command.command_id)
-            if first is not None or command.command_id in seen_in_batch:
-                results[i] = self._repeat(command, first)
+            if command.command_id in seen_in_batch:
+                results[i] = self._rejected(command, "command_id repeated within the batch")
                 continue
+            seen_in_batch.add(command.command_id)
             sid = command.stream_id
             state, version = tentative.get(sid) or (self._state(sid), self._versions.get(sid, 0))
             try:
                 events = self.decider.decide(command, state)
             except CommandRejected as exc:
                 results[i] = self._rejected(command, exc.reason)
+                judged.add(i)
                 continue
             except ValidationError as exc:
                 results[i] = self._rejected(command, _validation_reason(exc))
+                judged.add(i)
                 continue
-            seen_in_batch.add(command.command_id)
             if not events:
                 results[i] = CommandResult(
                     command_id=command.command_id, stream_id=sid, status="unchanged"
@@ -133,7 +158,7 @@ class EntityHost:
                     sid,
                     version + 1 + k,
                     f"{command.command_id}/{k}",
-                    event.type_name(),
+                    type(event).__name__,
                     event.schema_version,
                     command.issued_at,
                     command.command_id,
@@ -142,13 +167,14 @@ class EntityHost:
                 )
             tentative[sid] = (state, version + len(events))
             appended.append((i, command, events))
+        retry: list[int] = []
         if appended:
             outcomes = self.log.append_batch(builder.build())
-            self._settle(appended, outcomes, tentative, results)
+            retry = self._settle(appended, outcomes, tentative, results)
             self._since_snapshot += len(builder)
             if self._snapshot_path is not None and self._since_snapshot >= self.snapshot_every:
                 self.snapshot()
-        return [r for r in results if r is not None]
+        return [r for r in results if r is not None], retry, judged
 
     def _settle(
         self,
@@ -156,15 +182,21 @@ class EntityHost:
         outcomes: list[AppendOutcome],
         tentative: dict[str, tuple[Any, int]],
         results: list[CommandResult | None],
-    ) -> None:
+    ) -> list[int]:
+        """Keep what the log acknowledged; return the commands to decide once more."""
         stale: set[str] = set()
+        repeated: set[str] = set()
+        retry: list[int] = []
         for (i, command, events), outcome in zip(appended, outcomes, strict=True):
             sid = command.stream_id
             if isinstance(outcome, ConcurrencyError):
                 stale.add(sid)
+                if sid in repeated:
+                    retry.append(i)  # its expected version counted the repeat's events
                 results[i] = self._rejected(command, str(outcome))
-            elif outcome.duplicate:  # another incarnation of this host recorded it first
+            elif outcome.duplicate:  # recorded before (a retry, or a restarted host)
                 stale.add(sid)
+                repeated.add(sid)
                 results[i] = self._repeat(command, outcome)
             else:
                 results[i] = CommandResult(
@@ -172,7 +204,7 @@ class EntityHost:
                     stream_id=sid,
                     status="recorded",
                     positions=outcome.positions,
-                    event_types=tuple(e.type_name() for e in events),
+                    event_types=tuple(type(e).__name__ for e in events),
                 )
                 self.position = max(self.position, outcome.positions[-1])
         for sid, (state, version) in tentative.items():
@@ -181,6 +213,7 @@ class EntityHost:
                 self._versions[sid] = version
         for sid in stale:
             self._reload(sid)
+        return retry
 
     def _misrouted(self, command: Command) -> str:
         if not isinstance(command, self.decider.command_types):
@@ -201,14 +234,7 @@ class EntityHost:
             command_id=command.command_id, stream_id=sid, status="rejected", reason=reason
         )
 
-    def _repeat(self, command: Command, first: Appended | None) -> CommandResult:
-        if first is None:  # the same id twice within one batch: the first one counts
-            return CommandResult(
-                command_id=command.command_id,
-                stream_id=command.stream_id,
-                status="rejected",
-                reason="command_id repeated within the batch",
-            )
+    def _repeat(self, command: Command, first: Appended) -> CommandResult:
         recorded = self.log.read_all(
             first.first_position, first.positions[-1], columns=["command_id", "type"]
         )
@@ -223,7 +249,7 @@ class EntityHost:
         )
         return CommandResult(
             command_id=command.command_id,
-            stream_id=first.stream_id,
+            stream_id=command.stream_id,
             status="recorded",
             positions=first.positions,
             event_types=types,

@@ -17,6 +17,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import pyarrow as pa
+import pyarrow.compute as pc
 import ray
 
 from actors.decider import CommandResult, Decider
@@ -64,20 +65,16 @@ class LogService:
         columns: Sequence[str] | None = None,
         shard: tuple[int, int] | None = None,
         partition: int | None = None,
+        stream_id: str | None = None,
     ) -> pa.Table:
         return await asyncio.to_thread(
-            self.log.read_all, from_position, to_position, columns, shard, partition
+            self.log.read_all, from_position, to_position, columns, shard, partition, stream_id
         )
 
     async def read_stream(self, stream_id: str, from_version: int = 1) -> pa.Table:
         def read() -> pa.Table:
-            table = self.log.read_all(partition=stream_hash(stream_id) % self.log.partition_count)
-            return table.filter(
-                pa.compute.and_(
-                    pa.compute.equal(table.column("stream_id"), stream_id),
-                    pa.compute.greater_equal(table.column("stream_version"), from_version),
-                )
-            )
+            table = self.log.read_all(stream_id=stream_id)
+            return table.filter(pc.greater_equal(table.column("stream_version"), from_version))
 
         return await asyncio.to_thread(read)
 
@@ -113,8 +110,11 @@ class RayLogPort:
         columns: Sequence[str] | None = None,
         shard: tuple[int, int] | None = None,
         partition: int | None = None,
+        stream_id: str | None = None,
     ) -> pa.Table:
-        ref = self._log.read_all.remote(from_position, to_position, columns, shard, partition)
+        ref = self._log.read_all.remote(
+            from_position, to_position, columns, shard, partition, stream_id
+        )
         return ray.get(ref)  # type: ignore[no-any-return]
 
 

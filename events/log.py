@@ -650,12 +650,16 @@ class EventLog:
         columns: Sequence[str] | None = None,
         shard: tuple[int, int] | None = None,
         partition: int | None = None,
+        stream_id: str | None = None,
     ) -> pa.Table:
         """Events with from_position <= position <= to_position (default: the watermark).
 
         `shard=(index, count)` keeps streams with `stream_hash % count == index`,
-        which is how entity hosts load the streams they own.
+        which is how entity hosts load the streams they own; `stream_id` keeps one
+        stream (reading only its partition).
         """
+        if stream_id is not None:
+            partition = stream_hash(stream_id) % self.partition_count
         with self._state:
             upper = self._watermark if to_position is None else min(to_position, self._watermark)
             plan = [
@@ -687,6 +691,8 @@ class EventLog:
             table = table.filter(
                 pc.and_(pc.greater_equal(pos, from_position), pc.less_equal(pos, upper))
             )
+        if stream_id is not None:
+            table = table.filter(pc.equal(table.column("stream_id"), stream_id))
         if shard is not None:
             index, count = shard
             hashes = table.column("stream_hash").to_numpy()
@@ -695,12 +701,10 @@ class EventLog:
         return table.select(list(columns)) if columns else table
 
     def read_stream(self, stream_id: str, from_version: int = 1) -> list[RecordedEvent]:
-        table = self.read_all(partition=stream_hash(stream_id) % self.partition_count)
-        mask = pc.and_(
-            pc.equal(table.column("stream_id"), stream_id),
-            pc.greater_equal(table.column("stream_version"), from_version),
+        table = self.read_all(stream_id=stream_id)
+        return to_recorded(
+            table.filter(pc.greater_equal(table.column("stream_version"), from_version))
         )
-        return to_recorded(table.filter(mask))
 
     def wait_for(self, after_position: int, timeout_s: float) -> int:
         """Block until the watermark passes `after_position` or time is up; return the watermark."""

@@ -126,3 +126,17 @@ def test_a_host_snapshots_by_itself_every_n_events(log, tmp_path):
 
     restored = EntityHost(COUNTER, log, snapshot_dir=str(snaps))
     assert restored.state("a").total == 3  # the snapshot plus the one event after it
+
+
+def test_a_repeat_in_a_batch_with_new_work_on_its_stream_answers_both(log):
+    EntityHost(COUNTER, log).handle(
+        [cmd(OpenCounter, "c1", counter_id="a"), cmd(Add, "c2", counter_id="a", amount=1)]
+    )
+    restarted = EntityHost(COUNTER, log)  # knows c2 only as an event, not as a command id
+    repeat, new = restarted.handle(
+        [cmd(Add, "c2", counter_id="a", amount=1), cmd(Add, "c3", counter_id="a", amount=5)]
+    )
+    assert repeat.duplicate and repeat.event_types == ("Added",)
+    assert new.status == "recorded" and not new.duplicate
+    assert restarted.state("a").total == 6
+    assert [e.command_id for e in log.read_stream("counter-a")] == ["c1", "c2", "c3"]
