@@ -8,7 +8,10 @@ Prints progress, then as its last line one JSON object:
   appending pre-built 1,000-event batches (group commit, fsync, hash chain).
 - append_p99_ack_ms: p99 of those appends' time to acknowledgement.
 - append_events_per_s_via_ray: `ReportTelemetry` commands through the client in
-  batches of 1,000, routed to 2 host shards, decided, appended by the log actor.
+  batches of 1,000, routed to 2 host shards, decided, appended by the log actor
+  (the whole command path: pickling, deciding, hashing, fsync).
+- log_append_events_per_s_via_ray: the log actor alone through Ray: 2 sender
+  actors send pre-built 1,000-event pending batches (what hosts send), pipelined.
 - command_batch_p99_ms_via_ray: p99 round trip of one such batch.
 - hosted_vehicles, host_rss_mib: 10,000 registered, plugged-in vehicles with
   telemetry, and the resident memory of all host actors together.
@@ -35,7 +38,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import ray
 
-from actors.vehicle import PlugIn, RegisterVehicle, ReportTelemetry
+from actors.vehicle import VEHICLE, PlugIn, RegisterVehicle, ReportTelemetry
 from cluster.client import FleetClient
 from cluster.runtime import Runtime, RuntimeConfig
 from events.log import EventLog
@@ -93,8 +96,6 @@ def telemetry_batches(
 
 def setup_batches(n_vehicles: int) -> list[pa.RecordBatch]:
     """Register and plug in every vehicle, as pending batches (versions 1 and 2)."""
-    from actors.vehicle import VEHICLE
-
     out = []
     builder = PendingBatchBuilder()
     for v in range(n_vehicles):
@@ -195,7 +196,7 @@ def rss_mib(pids: list[int]) -> float:
 
 def bench_via_ray(n_vehicles: int, n_events: int, folder: str) -> dict[str, float]:
     config = RuntimeConfig(name="bench", data_dir=os.path.join(folder, "ray"))
-    client = FleetClient(Runtime(config).start(), owns_ray=False)
+    client = FleetClient(Runtime(config, deciders=[VEHICLE]).start(), owns_ray=False)
     try:
         say(f"  registering {n_vehicles} vehicles through Ray")
         setup = [c for v in range(n_vehicles) for c in setup_commands(v)]
@@ -249,6 +250,54 @@ def bench_via_ray(n_vehicles: int, n_events: int, folder: str) -> dict[str, floa
         client.close()
 
 
+class _Sender:
+    """Sends pre-built pending batches to the log actor, as a host would."""
+
+    def __init__(self, log: object, batches: list[pa.RecordBatch]) -> None:
+        self.log = log
+        self.batches = batches
+
+    def run(self, in_flight: int = 2) -> list[float]:
+        latencies = []
+        pending: list[tuple[float, object]] = []
+        for b in self.batches:
+            pending.append((time.perf_counter(), self.log.append_batch.remote(b)))  # type: ignore[attr-defined]
+            if len(pending) >= in_flight:
+                started, ref = pending.pop(0)
+                ray.get(ref)
+                latencies.append((time.perf_counter() - started) * 1000)
+        for started, ref in pending:
+            ray.get(ref)
+            latencies.append((time.perf_counter() - started) * 1000)
+        return latencies
+
+
+def bench_log_via_ray(per_sender: list[list[pa.RecordBatch]], folder: str) -> dict[str, float]:
+    from cluster.runtime import LogService
+
+    log = (
+        ray.remote(LogService)
+        .options(max_concurrency=64)
+        .remote(os.path.join(folder, "log-ray"), 4, 100_000)
+    )
+    for b in setup_batches(1000 * len(per_sender)):
+        ray.get(log.append_batch.remote(b))
+    sender_cls = ray.remote(_Sender)
+    senders = [sender_cls.remote(log, batches) for batches in per_sender]
+    ray.get([s.__ray_ready__.remote() for s in senders])
+    t = time.perf_counter()
+    latencies = [x for part in ray.get([s.run.remote() for s in senders]) for x in part]
+    elapsed = time.perf_counter() - t
+    total = sum(b.num_rows for part in per_sender for b in part)
+    for s in senders:
+        ray.kill(s)
+    ray.kill(log)
+    return {
+        "log_append_events_per_s_via_ray": total / elapsed,
+        "log_append_p99_ack_ms_via_ray": p99(latencies),
+    }
+
+
 def bench_recovery(n_vehicles: int, n_events: int, folder: str) -> dict[str, float]:
     root = os.path.join(folder, "recovery")
     log_dir = os.path.join(root, "log")
@@ -267,7 +316,8 @@ def bench_recovery(n_vehicles: int, n_events: int, folder: str) -> dict[str, flo
     for label in ("recovery_s", "recovery_s_snapshot"):
         say(f"  {label}: starting a system on the log")
         t = time.perf_counter()
-        runtime = Runtime(RuntimeConfig(name=f"rec{len(figures)}", data_dir=root)).start()
+        config = RuntimeConfig(name=f"rec{len(figures)}", data_dir=root)
+        runtime = Runtime(config, deciders=[VEHICLE]).start()
         figures[label] = time.perf_counter() - t
         hosts = runtime.hosts("vehicle")
         counted = sum(ray.get([h.entity_count.remote() for h in hosts]))
@@ -305,6 +355,11 @@ def main() -> None:
         figures["append_events_per_s_direct"] = rate
         figures["append_p99_ack_ms"] = ack
         ray.init(num_cpus=2, include_dashboard=False, namespace="v2gfleet", log_to_driver=False)
+        say("the log actor through Ray: 2 senders, pre-built 1,000-event batches")
+        figures.update(bench_log_via_ray(per_thread[:2], folder))
+        figures["ratio_log_via_ray_to_raw"] = (
+            figures["log_append_events_per_s_via_ray"] / figures["raw_write_events_per_s"]
+        )
         say("through Ray: client → 2 host shards → log actor")
         figures.update(bench_via_ray(n_vehicles, n_ray, folder))
         figures["ratio_via_ray_to_raw"] = (
@@ -312,6 +367,7 @@ def main() -> None:
         )
         say("recovery")
         figures.update(bench_recovery(n_vehicles, n_recovery, folder))
+        figures["load_average_1m"] = os.getloadavg()[0]
         figures["recovery_events"] = n_recovery
     finally:
         if ray.is_initialized():
