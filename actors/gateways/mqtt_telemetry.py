@@ -176,6 +176,11 @@ class MqttTelemetryGateway:
         resume_session: start by resuming an existing session instead of a clean one.
         max_batch: most commands handed to the sink in one `submit`.
         submit_rejections: also send `RecordTelemetryRejection` to the sink.
+        manual_ack: acknowledge a QoS 1 message only once the sink has answered for
+            its batch (paho's manual ack), so a process that dies before that gets
+            it redelivered by the broker (with a persistent session). A batch the
+            sink could not take is not acknowledged: the gateway reconnects and the
+            broker sends it again.
         backoff_initial_s, backoff_max_s: reconnect backoff (doubling, capped).
 
     Example:
@@ -201,6 +206,7 @@ class MqttTelemetryGateway:
         resume_session: bool = False,
         max_batch: int = 500,
         submit_rejections: bool = True,
+        manual_ack: bool = True,
         backoff_initial_s: float = 0.1,
         backoff_max_s: float = 10.0,
         subscribe_timeout_s: float = 60.0,
@@ -216,6 +222,7 @@ class MqttTelemetryGateway:
         self.resume_session = resume_session
         self.max_batch = max_batch
         self.submit_rejections = submit_rejections
+        self.manual_ack = manual_ack
         self.backoff_initial_s = backoff_initial_s
         self.backoff_max_s = backoff_max_s
         self.subscribe_timeout_s = subscribe_timeout_s
@@ -300,6 +307,9 @@ class MqttTelemetryGateway:
                 clean_start=first,
                 session_expiry_s=self.session_expiry_s,
             )
+            if self.manual_ack:
+                # aiomqtt 2.5 has no option for it; paho 2.x (its engine) does.
+                client._client.manual_ack_set(True)
             try:
                 async with client:
                     first = False
@@ -360,7 +370,16 @@ class MqttTelemetryGateway:
                     if message is None:
                         break
                     batch.append(message)
+                sink_errors = self.stats.sink_errors
                 await self.handle([(m.topic.value, _payload_bytes(m.payload)) for m in batch])
+                if self.manual_ack:
+                    if self.stats.sink_errors != sink_errors:
+                        # Not recorded: leave it unacknowledged and reconnect, so the
+                        # broker delivers the batch again.
+                        raise aiomqtt.MqttError("the sink did not take a batch; reconnecting")
+                    for m in batch:
+                        if m.qos > 0:
+                            client._client.ack(m.mid, m.qos)
                 self._check_subscription(subscribing)
         finally:
             stop_task.cancel()

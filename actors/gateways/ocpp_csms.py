@@ -676,6 +676,11 @@ class OcppCsmsGateway:
         station = self._stations.get(station_id)
         return station is not None and station.online
 
+    def last_seen_at(self, station_id: str) -> datetime | None:
+        """When the station last said anything (None: never); keys the offline hook's ids."""
+        station = self._stations.get(station_id)
+        return None if station is None else station.last_seen_at
+
     # --- setpoints ------------------------------------------------------------------
 
     async def send_setpoint(
