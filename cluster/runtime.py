@@ -145,6 +145,9 @@ class HostService:
     def pid(self) -> int:
         return os.getpid()
 
+    def node_id(self) -> str:
+        return str(ray.get_runtime_context().get_node_id())
+
 
 @dataclass
 class RuntimeConfig:
@@ -155,6 +158,9 @@ class RuntimeConfig:
     shards: dict[str, int] = field(default_factory=lambda: {"vehicle": 2})
     num_cpus: int | None = None
     address: str | None = None  # None: start (or join) a local Ray
+    # Where the log actor may run: on a cluster, the node that holds (or mounts) the
+    # log's storage advertises a custom resource, e.g. {"v2g-log": 1}.
+    log_resources: dict[str, float] = field(default_factory=dict)
 
     @property
     def log_dir(self) -> str:
@@ -207,6 +213,7 @@ class Runtime:
                 max_restarts=-1,
                 max_task_retries=-1,
                 num_cpus=0,
+                resources=self.config.log_resources or None,
             )
             .remote(log_root, self.config.partitions, self.config.seal_events)
         )
@@ -224,6 +231,8 @@ class Runtime:
                     max_restarts=-1,
                     max_task_retries=-1,
                     num_cpus=0,
+                    # shards of one kind go to different nodes where there are several
+                    scheduling_strategy="SPREAD",
                 )
                 .remote(self.config.log_actor, decider, Shard(i, count), snapshot_dir)
                 for i in range(count)
