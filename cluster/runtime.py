@@ -32,12 +32,13 @@ NAMESPACE = "v2gfleet"
 def default_deciders() -> list[Decider[Any]]:
     """Every entity kind the system hosts (each gets its own host shards)."""
     from actors.charger import CHARGER, OCPP_GATEWAY
+    from actors.dispatch import DISPATCH
     from actors.inverter import INVERTER
     from actors.market import MARKET
     from actors.telemetry import TELEMETRY_REJECTIONS
     from actors.vehicle import VEHICLE
 
-    return [VEHICLE, CHARGER, OCPP_GATEWAY, INVERTER, MARKET, TELEMETRY_REJECTIONS]
+    return [VEHICLE, CHARGER, OCPP_GATEWAY, INVERTER, MARKET, TELEMETRY_REJECTIONS, DISPATCH]
 
 
 class LogService:

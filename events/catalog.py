@@ -5,6 +5,6 @@ type; `events.base.event_class` imports this module the first time it meets a ty
 it does not know yet.
 """
 
-from events import charger, inverter, market, telemetry, vehicle
+from events import charger, dispatch, inverter, market, telemetry, vehicle
 
-__all__ = ["charger", "inverter", "market", "telemetry", "vehicle"]
+__all__ = ["charger", "dispatch", "inverter", "market", "telemetry", "vehicle"]

@@ -12,10 +12,14 @@ import threading
 from datetime import UTC, datetime, timedelta
 
 import pytest
-from pydantic import AwareDatetime
 
 from events.base import Event
 from events.charger import ChargerMeterValuesRecorded, ChargerRegistered
+from events.dispatch import (
+    PeakShavingDelivered,
+    RegulationCapacityReserved,
+    RegulationEnergyDelivered,
+)
 from events.log import EventLog
 from events.market import MarketRegistered, PricePublished, PriceRevised
 from events.vehicle import (
@@ -34,31 +38,6 @@ T0 = datetime(2024, 6, 3, 10, 0, tzinfo=UTC)
 
 def at(minutes: float) -> datetime:
     return T0 + timedelta(minutes=minutes)
-
-
-class RegulationCapacityReserved(Event):
-    site_id: str
-    interval_start: AwareDatetime
-    interval_minutes: int
-    up_kw: float
-    down_kw: float
-    price_eur_per_mw_per_h: float
-
-
-class RegulationEnergyDelivered(Event):
-    site_id: str
-    vehicle_id: str
-    interval_start: AwareDatetime
-    energy_kwh: float
-    price_eur_per_mwh: float
-
-
-class PeakShavingDelivered(Event):
-    site_id: str
-    interval_start: AwareDatetime
-    interval_minutes: int
-    avoided_peak_kw: float
-    demand_charge_eur_per_kw_month: float
 
 
 class LogBuilder:
