@@ -8,6 +8,7 @@ from hypothesis import HealthCheck, assume, given, settings
 from hypothesis import strategies as st
 
 from actors.planning import InfeasiblePlan, PlanningProblem, plan, solve_monolithic, violations
+from scripts.bench_dispatch_plan import WINTER_START, prices_from, winter_evening_fleet
 
 
 def make_fleet(
@@ -18,7 +19,9 @@ def make_fleet(
     tightness: float,
     price: np.ndarray | None = None,
     degradation: float = 0.02,
+    hold: int = 1,
 ) -> PlanningProblem:
+    """Random fleet; prices change every `hold` intervals (4: hourly prices, 15-min plan)."""
     rng = np.random.default_rng(seed)
     cap = rng.uniform(40, 100, n)
     arrive = rng.integers(0, t // 2, n)
@@ -38,7 +41,9 @@ def make_fleet(
         departure_interval=leave,
         departure_energy_kwh=rng.uniform(0.3, 1.0, n) * cap,
         transformer=tr,
-        price_eur_per_mwh=price if price is not None else rng.normal(80, 60, t),
+        price_eur_per_mwh=price
+        if price is not None
+        else np.repeat(rng.normal(80, 60, t), hold)[:t],
         transformer_import_kw=tightness * per_transformer,
         transformer_export_kw=tightness * per_transformer,
         degradation_eur_per_kwh=degradation,
@@ -52,6 +57,7 @@ fleets = st.builds(
     t=st.integers(4, 24),
     j=st.integers(1, 3),
     tightness=st.sampled_from([0.3, 0.6, 1.0, 2.0]),
+    hold=st.sampled_from([1, 4]),
 )
 quick = settings(max_examples=40, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 
@@ -82,10 +88,38 @@ def test_the_plan_is_within_half_a_percent_of_the_monolithic_lp(problem: Plannin
     assert result.objective_eur <= reference.bound_eur + 1e-6 * scale
 
 
+@quick
+@given(problem=fleets)
+def test_a_certified_plan_brackets_the_lp_optimum(problem: PlanningProblem) -> None:
+    try:
+        reference = solve_monolithic(problem)
+    except InfeasiblePlan:
+        assume(False)
+    result = plan(problem, gap_tolerance=1e-4)
+    assert violations(problem, result) == []
+    scale = max(abs(reference.objective_eur), 1.0)
+    # no schedule beats the bound, and the plan is within the tolerance of it
+    assert result.bound_eur >= reference.objective_eur - 1e-6 * scale
+    assert result.bound_eur - result.objective_eur <= 1e-4 * scale + 1e-6
+
+
 def test_a_thousand_vehicles_on_tight_transformers_match_the_oracle() -> None:
     problem = make_fleet(7, 300, 48, 3, tightness=0.4)
     result, reference = plan(problem), solve_monolithic(problem)
     assert violations(problem, result) == []
+    gap = (reference.objective_eur - result.objective_eur) / abs(reference.objective_eur)
+    assert gap <= 0.005
+
+
+def test_on_the_winter_evening_of_the_bench_the_limits_bind() -> None:
+    problem = winter_evening_fleet(200, prices_from(WINTER_START))
+    result, reference = plan(problem), solve_monolithic(problem)
+    assert violations(problem, result) == []
+    assert result.stats["bound_transformers"] == 2  # each vehicle alone would overload both
+    load = np.zeros((2, problem.n_intervals))
+    np.add.at(load, problem.transformer, result.power_kw)
+    at_limit = load >= problem.transformer_import_kw[:, None] - 1e-3
+    assert at_limit.sum(axis=1).min() >= 8  # both full for two hours or more
     gap = (reference.objective_eur - result.objective_eur) / abs(reference.objective_eur)
     assert gap <= 0.005
 
