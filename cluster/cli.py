@@ -263,6 +263,18 @@ def cmd_roi_report(args: argparse.Namespace) -> int:
     return EXIT_OK
 
 
+# -------------------------------------------------------------------- backtest
+
+
+def cmd_backtest(args: argparse.Namespace) -> int:
+    from cluster.backtest import main as backtest_main
+
+    rest = list(args.rest)
+    if args.data_dir and "--data-dir" not in rest:
+        rest = ["--data-dir", args.data_dir, *rest]
+    return backtest_main(rest)
+
+
 # ------------------------------------------------------------------------ demo
 
 
@@ -318,6 +330,14 @@ def build_parser() -> argparse.ArgumentParser:
     sql.add_argument("--format", choices=["table", "csv", "json"], default="table")
     sql.set_defaults(func=cmd_sql)
 
+    backtest = sub.add_parser(
+        "backtest",
+        help="the dispatcher in simulated time over historical prices (v2g backtest --help)",
+        add_help=False,
+    )
+    backtest.add_argument("rest", nargs=argparse.REMAINDER)
+    backtest.set_defaults(func=cmd_backtest)
+
     roi = sub.add_parser("roi", help="return on investment")
     roi_verbs = roi.add_subparsers(dest="roi_verb", required=True)
     report = roi_verbs.add_parser("report", help="summary table and PNG charts")
@@ -347,7 +367,11 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: Sequence[str] | None = None) -> int:
     parser = build_parser()
-    args = parser.parse_args(argv)
+    args, unknown = parser.parse_known_args(argv)
+    if getattr(args, "func", None) is cmd_backtest:  # its own options, parsed by it
+        args.rest = [*unknown, *args.rest]
+    elif unknown:
+        parser.error(f"unrecognized arguments: {' '.join(unknown)}")
     try:
         return int(args.func(args))
     except KeyboardInterrupt:
