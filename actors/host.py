@@ -16,15 +16,25 @@ from __future__ import annotations
 
 import json
 import os
+import time
 from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any, Protocol
 
 import pyarrow as pa
 import pyarrow.compute as pc
+from opentelemetry import trace
 from pydantic import ValidationError
 
 from actors.decider import CommandRejected, CommandResult, Decider
+from actors.tracing import (
+    command_latency_ms,
+    commands_handled,
+    continued,
+    events_appended,
+    traceparent_of,
+    tracer,
+)
 from events.base import Command, Event, load_event
 from events.log import Appended, AppendOutcome, ConcurrencyError
 from events.schema import PendingBatchBuilder, stream_hash
@@ -103,6 +113,7 @@ class EntityHost:
         that would be answered without an append (`unchanged`, or refused by the
         decider) are looked up first, because a repeat must get its first answer.
         """
+        started = time.perf_counter()
         results, retry, judged = self._decide_and_append(commands)
         maybe_repeats = [i for i, r in enumerate(results) if r.status == "unchanged" or i in judged]
         if maybe_repeats:
@@ -115,6 +126,9 @@ class EntityHost:
             again = self.handle([commands[i] for i in retry])
             for i, result in zip(retry, again, strict=True):
                 results[i] = result
+        kind = {"kind": self.decider.kind}
+        commands_handled.add(len(commands), kind)
+        command_latency_ms.record((time.perf_counter() - started) * 1000, kind)
         return results
 
     def _decide_and_append(
@@ -126,6 +140,7 @@ class EntityHost:
         tentative: dict[str, tuple[Any, int]] = {}  # stream -> (state, version) after the batch
         appended: list[tuple[int, Command, list[Event]]] = []
         seen_in_batch: set[str] = set()
+        traced: list[trace.SpanContext] = []
         for i, command in enumerate(commands):
             problem = self._misrouted(command)
             if problem:
@@ -137,8 +152,19 @@ class EntityHost:
             seen_in_batch.add(command.command_id)
             sid = command.stream_id
             state, version = tentative.get(sid) or (self._state(sid), self._versions.get(sid, 0))
+            metadata = "{}"
             try:
-                events = self.decider.decide(command, state)
+                if command.traceparent:  # only sampled commands pay for a span
+                    with continued(
+                        command.traceparent,
+                        f"{self.decider.kind}.decide",
+                        {"command": type(command).__name__, "stream_id": sid},
+                    ) as span:
+                        events = self.decider.decide(command, state)
+                        metadata = json.dumps({"traceparent": traceparent_of(span)})
+                        traced.append(span.get_span_context())
+                else:
+                    events = self.decider.decide(command, state)
             except CommandRejected as exc:
                 results[i] = self._rejected(command, exc.reason)
                 judged.add(i)
@@ -164,14 +190,24 @@ class EntityHost:
                     command.command_id,
                     command.correlation_id,
                     event.model_dump_json(),
+                    metadata,
                 )
             tentative[sid] = (state, version + len(events))
             appended.append((i, command, events))
         retry: list[int] = []
         if appended:
-            outcomes = self.log.append_batch(builder.build())
+            if traced:
+                with tracer.start_as_current_span(
+                    "log.append",
+                    links=[trace.Link(c) for c in traced],
+                    attributes={"events": len(builder)},
+                ):
+                    outcomes = self.log.append_batch(builder.build())
+            else:
+                outcomes = self.log.append_batch(builder.build())
             retry = self._settle(appended, outcomes, tentative, results)
             self._since_snapshot += len(builder)
+            events_appended.add(len(builder), {"kind": self.decider.kind})
             if self._snapshot_path is not None and self._since_snapshot >= self.snapshot_every:
                 self.snapshot()
         return [r for r in results if r is not None], retry, judged

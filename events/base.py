@@ -114,6 +114,8 @@ class Command(BaseModel):
     command_id: str = Field(min_length=1, max_length=200)
     issued_at: AwareDatetime
     correlation_id: str = Field(default="", max_length=200)
+    # W3C trace context of whoever sent it (see actors.tracing); empty: not traced.
+    traceparent: str = Field(default="", max_length=55, pattern=r"^([0-9a-f-]{55})?$")
 
     _check_ids = field_validator("command_id", "correlation_id")(_no_control_characters)
 
