@@ -12,6 +12,8 @@ vehicles' summed charge power: a 400 kVA substation serving ~150 homes keeps ~20
 for charging at the evening household peak, against ~1 MW of home chargers at full
 EV adoption. The cheap night hours then fill every transformer for hours.
 
+`plan` runs as the dispatcher calls it, certifying its gap (`certified_gap_bound_pct_1k`
+is the certified bound on the gap); `uncertified_*`: the same without the certificate.
 Extra keys (`nonbinding_*`): the previous case, an ordinary March weekday with
 uniformly random plug-in windows and transformers at 50 % of connected power, where
 no limit binds and the plan is the per-vehicle DP alone.
@@ -183,8 +185,8 @@ def main() -> None:
         f"{gap_pct(ref, fast):.4f} %, {fast.stats}, {at_limit_1k} intervals at a limit",
         flush=True,
     )
-    _, cert_cpu_1k, certified = timed(
-        "plan 1k certified", lambda p: plan(p, gap_tolerance=1e-3), w1k, 1
+    _, quick_cpu_1k, quick = timed(
+        "plan 1k without certificate", lambda p: plan(p, gap_tolerance=None), w1k, 3
     )
     w10k = winter_evening_fleet(10_000, winter)
     plan_10k, cpu_10k, fast10 = timed("plan 10k", plan, w10k, 3)
@@ -216,14 +218,11 @@ def main() -> None:
                 "binding_transformers_10k": int(fast10.stats["bound_transformers"]),
                 "transformer_intervals_at_limit_1k": at_limit_1k,
                 "transformer_intervals_at_limit_10k": intervals_at_limit(w10k, fast10),
-                "certified_plan_cpu_s_1k": round(cert_cpu_1k, 3),
                 "certified_gap_bound_pct_1k": round(
-                    100
-                    * (certified.bound_eur - certified.objective_eur)
-                    / abs(certified.objective_eur),
-                    4,
+                    100 * (fast.bound_eur - fast.objective_eur) / abs(fast.objective_eur), 4
                 ),
-                "certified_objective_gap_pct_1k": round(gap_pct(ref, certified), 4),
+                "uncertified_plan_cpu_s_1k": round(quick_cpu_1k, 3),
+                "uncertified_objective_gap_pct_1k": round(gap_pct(ref, quick), 4),
                 "nonbinding_plan_s_1k": round(nb_1k, 3),
                 "nonbinding_plan_s_10k": round(nb_10k, 3),
                 "nonbinding_monolithic_lp_s_1k": round(nb_mono_1k, 3),

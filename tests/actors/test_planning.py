@@ -104,7 +104,7 @@ def test_a_certified_plan_brackets_the_lp_optimum(problem: PlanningProblem) -> N
 
 
 def test_a_thousand_vehicles_on_tight_transformers_match_the_oracle() -> None:
-    problem = make_fleet(7, 300, 48, 3, tightness=0.4)
+    problem = make_fleet(7, 300, 48, 3, tightness=0.4, hold=4)
     result, reference = plan(problem), solve_monolithic(problem)
     assert violations(problem, result) == []
     gap = (reference.objective_eur - result.objective_eur) / abs(reference.objective_eur)
