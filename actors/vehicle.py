@@ -32,7 +32,7 @@ from pydantic import AwareDatetime, BaseModel, ConfigDict, Field, model_validato
 
 from actors.decider import CommandRejected, Decider, UnknownEntity
 from actors.presets import preset
-from events.base import Command, Event
+from events.base import ENVELOPE_FIELDS, Command, Event
 from events.vehicle import (
     Celsius,
     Efficiency,
@@ -708,9 +708,7 @@ def _register(command: RegisterVehicle, state: VehicleState) -> list[Event]:
             f"refuse_discharge_above_c {command.refuse_discharge_above_c} must be above "
             f"derate_above_c {command.derate_above_c}"
         )
-    spec = VehicleSpec.model_validate(
-        command.model_dump(exclude={"vehicle_id", "command_id", "issued_at", "correlation_id"})
-    )
+    spec = VehicleSpec.model_validate(command.model_dump(exclude=ENVELOPE_FIELDS | {"vehicle_id"}))
     if state.spec == spec:
         return []
     if state.spec is not None:

@@ -7,6 +7,7 @@ command, a log that fails verification), 2 bad usage or input.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import dataclasses
 import json
 import os
@@ -263,6 +264,129 @@ def cmd_roi_report(args: argparse.Namespace) -> int:
     return EXIT_OK
 
 
+# --------------------------------------------------------------- serve, status
+
+ALARM_TYPES = (
+    "WatchdogTripped",
+    "EmergencyStopActivated",
+    "AntiIslandingTripped",
+    "ChargerPowerDivergenceDetected",
+    "ChargerWentOffline",
+    "InverterFaulted",
+    "VehicleSafeStateEntered",
+    "OcppConnectionRejected",
+    "TelemetryMessageRejected",
+)
+
+
+def cmd_serve(args: argparse.Namespace) -> int:
+    from cluster.config import ConfigError, load_config
+    from cluster.serve import serve_forever
+
+    try:
+        config = load_config(args.config)
+    except ConfigError as exc:
+        print(f"v2g: {exc}", file=sys.stderr)
+        return EXIT_USAGE
+    runtime = config.runtime(data_dir=args.data_dir, address=args.address)
+    return serve_forever(config, runtime, say=lambda line: print(line, flush=True))
+
+
+def fleet_status(data_dir: str) -> dict[str, Any]:
+    """The fleet at a glance, as of the newest event in the log (no running system needed).
+
+    Vehicle states are folded with the vehicle decider's own `evolve`, so "plugged
+    in" and "setpoint" mean exactly what the system means by them; today's alarms
+    and revenue are those of the newest event's day (a backtest's log lives in
+    simulated time).
+    """
+    import duckdb
+    import pyarrow.compute as pc
+
+    from actors.vehicle import VEHICLE
+    from events.base import load_event
+    from events.reader import read_log
+
+    table = read_log(os.path.join(data_dir, "log"))
+    if table.num_rows == 0:
+        return {"as_of": None, "vehicles": 0}
+    as_of = table.column("occurred_at")[-1].as_py()
+    vehicles = table.filter(pc.starts_with(table.column("stream_id"), "vehicle-"))
+    states: dict[str, Any] = {}
+    for sid, typ, version, payload in zip(
+        vehicles.column("stream_id").to_pylist(),
+        vehicles.column("type").to_pylist(),
+        vehicles.column("schema_version").to_pylist(),
+        vehicles.column("payload").to_pylist(),
+        strict=True,
+    ):
+        state = states.get(sid) or VEHICLE.initial_state(sid.removeprefix("vehicle-"))
+        states[sid] = VEHICLE.evolve(state, load_event(typ, version, payload))
+    plugged = [st for st in states.values() if st.connection is not None]
+    readings = [st.reading.soc for st in states.values() if st.reading is not None]
+    power_kw = sum(
+        st.setpoint.power_kw
+        for st in plugged
+        if st.setpoint is not None and st.setpoint.valid_until > as_of
+    )
+    day_start = as_of.replace(hour=0, minute=0, second=0, microsecond=0)
+    con = duckdb.connect()
+    con.register("log_events", table.select(["type", "occurred_at"]))
+    alarms = dict(
+        con.execute(
+            "SELECT type, count(*) FROM log_events WHERE type IN ("
+            + ", ".join("?" * len(ALARM_TYPES))
+            + ") AND occurred_at >= ? GROUP BY type ORDER BY type",
+            [*ALARM_TYPES, day_start],
+        ).fetchall()
+    )
+    revenue = None
+    db_path = os.path.join(data_dir, "projections.duckdb")
+    if os.path.exists(db_path):
+        from projections.sql_guard import QueryError, query
+
+        with contextlib.suppress(QueryError):
+            result = query(
+                db_path,
+                "SELECT coalesce(sum(revenue_eur), 0) AS eur FROM revenue_daily "
+                f"WHERE day = DATE '{as_of.date().isoformat()}'",
+            )
+            revenue = float(result.column("eur")[0].as_py())
+    return {
+        "as_of": as_of.isoformat(),
+        "vehicles": sum(st.registered for st in states.values()),
+        "plugged_in": len(plugged),
+        "mean_soc": round(sum(readings) / len(readings), 3) if readings else None,
+        "setpoint_power_kw": round(power_kw, 3),
+        "revenue_today_eur": revenue,
+        "alarms_today": alarms,
+    }
+
+
+def cmd_status(args: argparse.Namespace) -> int:
+    data_dir = _data_dir(args)
+    if not os.path.exists(os.path.join(data_dir, "log", "log.json")):
+        print(f"v2g: no event log in {data_dir}", file=sys.stderr)
+        return EXIT_USAGE
+    status = fleet_status(data_dir)
+    if args.json:
+        _print_json(status)
+        return EXIT_OK
+    if status["as_of"] is None:
+        print("the log is empty")
+        return EXIT_OK
+    soc = "-" if status["mean_soc"] is None else f"{100 * status['mean_soc']:.0f} %"
+    print(f"as of         {status['as_of']} (the newest event)")
+    revenue = status["revenue_today_eur"]
+    print(f"vehicles      {status['vehicles']} registered, {status['plugged_in']} plugged in")
+    print(f"mean SoC      {soc}")
+    print(f"setpoints     {status['setpoint_power_kw']:+.1f} kW (> 0 charging, < 0 discharging)")
+    print(f"revenue today {'-' if revenue is None else f'{revenue:.2f} EUR'}")
+    alarms = status["alarms_today"]
+    print("alarms today  " + (", ".join(f"{k} x{v}" for k, v in alarms.items()) or "none"))
+    return EXIT_OK
+
+
 # -------------------------------------------------------------------- backtest
 
 
@@ -296,6 +420,14 @@ def build_parser() -> argparse.ArgumentParser:
     )
     parser.add_argument("--address", help="Ray cluster address to join (default: local Ray)")
     sub = parser.add_subparsers(dest="verb", required=True)
+
+    serve = sub.add_parser("serve", help="start the system from a config file and keep it running")
+    serve.add_argument("--config", help="TOML file (see cluster/config.py); env: V2G__SECTION__KEY")
+    serve.set_defaults(func=cmd_serve)
+
+    status = sub.add_parser("status", help="the fleet at a glance: plugged in, SoC, power, alarms")
+    status.add_argument("--json", action="store_true", help="machine-readable output")
+    status.set_defaults(func=cmd_status)
 
     demo = sub.add_parser("demo", help="run the embedded demo end to end")
     demo.add_argument("--vehicles", type=int, default=6, help="how many vans (default 6)")

@@ -124,6 +124,11 @@ class Command(BaseModel):
         raise NotImplementedError
 
 
+#: The fields every command carries for the system, not for the decision it asks;
+#: deciders copying a command's own fields into an event exclude these.
+ENVELOPE_FIELDS = frozenset({"command_id", "issued_at", "correlation_id", "traceparent"})
+
+
 class RecordedEvent(BaseModel):
     """An event as the log holds it: the envelope around one fact."""
 

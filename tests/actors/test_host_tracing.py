@@ -49,3 +49,25 @@ def test_the_decide_span_is_a_child_of_the_sender_and_its_context_is_in_the_even
 def test_a_malformed_traceparent_is_refused_at_the_command():
     with pytest.raises(ValueError, match="traceparent"):
         Add(command_id="c", issued_at=T0, counter_id="a", amount=1, traceparent="nope")
+
+
+def test_a_traced_command_decides_exactly_like_an_untraced_one(telemetry, tmp_path):
+    from actors.vehicle import VEHICLE, RegisterVehicle
+
+    def register(command_id: str, traceparent: str = "") -> RegisterVehicle:
+        return RegisterVehicle(
+            command_id=command_id,
+            issued_at=T0,
+            vehicle_id=command_id,
+            model="Kia Niro",
+            site_id="depot",
+            traceparent=traceparent,
+        )
+
+    with continued("", "gateway.receive") as span:
+        sent = traceparent_of(span)
+    with EventLog(str(tmp_path / "log")) as log:
+        host = EntityHost(VEHICLE, log)
+        plain, traced = host.handle([register("van-1"), register("van-2", sent)])
+    assert plain.status == traced.status == "recorded"
+    assert host.state("van-2").spec == host.state("van-1").spec
