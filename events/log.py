@@ -23,7 +23,6 @@ never skips an event that appears later.
 
 from __future__ import annotations
 
-import contextlib
 import json
 import os
 import queue
@@ -767,16 +766,3 @@ def _check_commands_are_contiguous(batch: pa.RecordBatch) -> None:
 def to_recorded(table: pa.Table) -> list[RecordedEvent]:
     rows = table.to_pylist()
     return [RecordedEvent.model_validate(r) for r in rows]
-
-
-def open_log(root: str, **kwargs: object) -> EventLog:
-    return EventLog(root, **kwargs)  # type: ignore[arg-type]
-
-
-@contextlib.contextmanager
-def opened(root: str, **kwargs: object) -> Iterator[EventLog]:
-    log = open_log(root, **kwargs)
-    try:
-        yield log
-    finally:
-        log.close()
