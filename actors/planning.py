@@ -109,6 +109,12 @@ IntArray = NDArray[np.int64]
 BoolArray = NDArray[np.bool_]
 
 _LIMIT_MARGIN_KW = 1e-6
+# Without wear (degradation 0) an LP may charge and discharge at once for free,
+# burning energy; the net power of such a schedule stores more than the LP thinks
+# and can overfill the battery. A negligible cost per grid-side kWh in the LPs
+# (never in the DP, which does not cycle, nor in the bound) breaks that tie.
+_CYCLE_COST_EUR_PER_KWH = 1e-6
+_CYCLE_TOLERANCE_KW = 1e-7
 _DP_CHUNK = 1024
 _COMPACT_EVERY = 4
 _SHAPERS_PER_BLOCK = 3
@@ -352,9 +358,11 @@ def _dp_schedules(
     price: FloatArray,
     lower: FloatArray,
     upper: FloatArray,
+    costs: tuple[FloatArray, FloatArray] | None = None,
 ) -> FloatArray:
     """Exact optimal power (N, T) of each vehicle alone, for per-vehicle prices (N, T).
 
+    `costs` (a, b), both (N, T), replace the step costs the prices imply.
     Backward pass over convex piecewise-linear value functions stored as sorted
     slopes and segment lengths (vehicles x segments); forward pass applies the
     two-threshold policy. See the module docstring.
@@ -362,7 +370,7 @@ def _dp_schedules(
     n, t_count = price.shape
     dt = problem.interval_h
     eta = problem.efficiency[:, None]
-    a, b = _step_costs(problem, price)
+    a, b = _step_costs(problem, price) if costs is None else costs
     x_max = eta * problem.max_charge_kw[:, None] * problem.available * dt
     y_max = problem.max_discharge_kw[:, None] * problem.available * dt / eta
     rows = np.arange(n)
@@ -445,8 +453,8 @@ def _lp_matrices(
     nt = n * t
     a, b = _step_costs(problem, np.broadcast_to(problem.price_eur_per_mwh, (n, t)))
     eta = problem.efficiency[:, None]
-    cost_c = (a * eta * dt).ravel()
-    cost_d = (-(b / eta) * dt).ravel()
+    cost_c = (a * eta * dt + _CYCLE_COST_EUR_PER_KWH * dt).ravel()
+    cost_d = (-(b / eta) * dt + _CYCLE_COST_EUR_PER_KWH * dt).ravel()
     cost_e = np.zeros((n, t))
     cost_e[:, -1] = -problem.terminal_value_eur_per_kwh
     cost = np.concatenate([cost_c, cost_d, cost_e.ravel()])
@@ -485,6 +493,44 @@ def _lp_matrices(
     return cost, col_lo, col_hi, matrix, row_lo, row_hi
 
 
+def _net_power(charge: FloatArray, discharge: FloatArray, eta: FloatArray) -> FloatArray:
+    """One power per interval that stores what the LP's charge and discharge store.
+
+    An LP may charge and discharge at once to burn energy in the losses (to make
+    room before negative prices, say); a charger cannot. The plain difference would
+    store more than the LP planned and could overfill the battery; this one keeps
+    the LP's energy path, with less import or more export than the difference, so
+    import limits still hold. (The DP never does this; it burns energy, if at all,
+    by alternating.)
+    """
+    stored = eta * charge - discharge / eta
+    power: FloatArray = np.where(stored >= 0, stored / eta, stored * eta)
+    return power
+
+
+def _stop_cycling(h: highspy.Highs, m: int, rounds: int = 5) -> bool:
+    """Re-solve until no column pair charges and discharges at once; False if infeasible.
+
+    Columns 0..m-1 are charge and m..2m-1 discharge of the same cells. Where both
+    are used, the side the cell does not net to is fixed at zero and the LP is
+    re-solved warm. Burning energy this way pays only in odd markets (no wear and
+    negative prices, to make room for more negative ones); the physical plan then
+    burns it by alternating, as the DP does.
+    """
+    for _ in range(rounds):
+        x = np.asarray(h.getSolution().col_value)
+        both = np.nonzero((x[:m] > _CYCLE_TOLERANCE_KW) & (x[m : 2 * m] > _CYCLE_TOLERANCE_KW))[0]
+        if both.size == 0:
+            return True
+        cols = np.where(x[both] >= x[m + both], m + both, both).astype(np.int32)
+        zeros = np.zeros(cols.size)
+        h.changeColsBounds(cols.size, cols, zeros, zeros)
+        h.run()
+        if h.getModelStatus() != highspy.HighsModelStatus.kOptimal:
+            return False
+    return True
+
+
 def _highs(solver: str = "choose", presolve: bool = True) -> highspy.Highs:
     h = highspy.Highs()
     h.setOptionValue("output_flag", False)
@@ -498,12 +544,14 @@ def _solve_lp(problem: PlanningProblem, solver: str = "choose") -> tuple[FloatAr
     n, t = problem.n_vehicles, problem.n_intervals
     lower, upper = energy_bounds(problem)
     h = _run_lp(*_lp_matrices(problem, lower, upper), solver=solver)
-    if h is None:
+    nt = n * t
+    if h is None or not _stop_cycling(h, nt):
         raise InfeasiblePlan("no schedule meets the forced charging within the limits")
     x = np.asarray(h.getSolution().col_value)
-    nt = n * t
-    power = (x[:nt] - x[nt : 2 * nt]).reshape(n, t)
-    return power, -float(h.getInfo().objective_function_value)
+    eta = np.repeat(problem.efficiency, t)
+    power = _net_power(x[:nt], x[nt : 2 * nt], eta).reshape(n, t)
+    tie_break = _CYCLE_COST_EUR_PER_KWH * problem.interval_h * float(x[: 2 * nt].sum())
+    return power, tie_break - float(h.getInfo().objective_function_value)
 
 
 def _finish(problem: PlanningProblem, power: FloatArray) -> tuple[FloatArray, FloatArray]:
@@ -546,14 +594,20 @@ def _dp_in_chunks(
     lower: FloatArray,
     upper: FloatArray,
     vehicles: IntArray,
+    costs: tuple[FloatArray, FloatArray] | None = None,
 ) -> FloatArray:
     """`_dp_schedules` for some vehicles, in cache-sized chunks (1.4x faster at 10,000)."""
     out = np.empty((vehicles.size, problem.n_intervals))
     for start in range(0, vehicles.size, _DP_CHUNK):
         rows = vehicles[start : start + _DP_CHUNK]
+        part = slice(start, start + rows.size)
         sub = problem.subset(rows, problem.transformer_import_kw, problem.transformer_export_kw)
-        out[start : start + rows.size] = _dp_schedules(
-            sub, price[start : start + rows.size], lower[rows], upper[rows]
+        out[part] = _dp_schedules(
+            sub,
+            price[part],
+            lower[rows],
+            upper[rows],
+            None if costs is None else (costs[0][part], costs[1][part]),
         )
     return out
 
@@ -713,8 +767,8 @@ def _solve_transformer(
     last = np.r_[seg_v[1:] != seg_v[:-1], True] if k else np.zeros(0, dtype=bool)
     cost = np.concatenate(
         [
-            a * eta * dt * length,
-            -(b / eta) * dt * length,
+            (a * eta + _CYCLE_COST_EUR_PER_KWH) * dt * length,
+            (_CYCLE_COST_EUR_PER_KWH - b / eta) * dt * length,
             np.where(last, -problem.terminal_value_eur_per_kwh, 0.0),
         ]
     )
@@ -795,12 +849,12 @@ def _solve_transformer(
     # built without unplugged cells, the model leaves presolve little to remove:
     # measured 12-18 % faster without it
     h = _run_lp(cost, col_lo, col_hi, matrix, row_lo, row_hi, presolve=False)
-    if h is None:
+    if h is None or not _stop_cycling(h, k):
         return None
     sol = h.getSolution()
     x = np.asarray(sol.col_value)
     power = np.zeros((n, t))
-    power[cell_v, cell_s] = (x[:k] - x[k : 2 * k])[cell_seg]
+    power[cell_v, cell_s] = _net_power(x[:k], x[k : 2 * k], eta)[cell_seg]
     return _TransformerSolution(power, np.asarray(sol.row_dual)[k : k + t], k)
 
 
@@ -813,25 +867,35 @@ def _lagrangian_bound(
 ) -> FloatArray:
     """Per transformer, an upper bound (EUR) on the best objective of its vehicles.
 
-    Pricing each transformer interval at the LP's dual and solving every vehicle
-    alone and exactly (the DP) relaxes the limit, so by weak duality no schedule
-    under the limit can earn more. `dual` is (J, T); only `vehicles` are priced.
+    Pricing each transformer interval at a dual y (EUR per kW of load) and solving
+    every vehicle alone and exactly (the DP) relaxes the limit, so by weak duality
+    no schedule under the limit can earn more. `dual` is (J, T); only `vehicles`
+    are priced. The step costs are the LP's own plus y: a' = a - y/(eta dt) to store
+    a kWh, b' = b - eta y/dt for releasing one. Where y > 0 (an export limit binds)
+    would make b' > a', charging and discharging at once would pay in the
+    relaxation and the DP, which does not, would not solve it; y is capped there,
+    which keeps the bound valid (any y gives one), if looser.
     """
     dt = problem.interval_h
     tr = problem.transformer[vehicles]
-    price = problem.price_eur_per_mwh[None, :] - dual[tr] * 1000.0 / dt
-    power = _dp_in_chunks(problem, price, lower, upper, vehicles)
-    # the model's own valuation (`_step_costs`), which is what the LP optimises
     eta = problem.efficiency[vehicles, None]
-    p = price / 1000.0
-    deg = problem.degradation_eur_per_kwh
-    a = (p + deg) / eta
-    b = np.minimum(eta * (p - deg), a)
+    market = np.broadcast_to(problem.price_eur_per_mwh, (vehicles.size, problem.n_intervals))
+    sub = problem.subset(vehicles, problem.transformer_import_kw, problem.transformer_export_kw)
+    a, b = _step_costs(sub, market)
+    spread = 1.0 / eta - eta
+    with np.errstate(divide="ignore"):
+        cap = np.where(spread > 0, dt * (a - b) / spread, np.inf)
+    y_cap = np.full(dual.shape, np.inf)
+    np.minimum.at(y_cap, tr, cap)
+    dual = np.minimum(dual, y_cap)
+    y = dual[tr]
+    a_y, b_y = a - y / (eta * dt), b - eta * y / dt
+    power = _dp_in_chunks(problem, market, lower, upper, vehicles, (a_y, b_y))
     charge, discharge = np.maximum(power, 0.0), np.maximum(-power, 0.0)
     stored = dt * (eta * charge - discharge / eta)
     final = problem.soc[vehicles] * problem.capacity_kwh[vehicles] + stored.sum(axis=1)
     value = (
-        dt * ((b / eta) * discharge - a * eta * charge).sum(axis=1)
+        dt * ((b_y / eta) * discharge - a_y * eta * charge).sum(axis=1)
         + problem.terminal_value_eur_per_kwh * final
     )
     j = problem.transformer_import_kw.shape[0]
@@ -850,7 +914,10 @@ def plan(problem: PlanningProblem, gap_tolerance: float | None = 2e-3) -> FleetP
     Every constraint holds exactly (transformer limits with a 1e-6 kW margin). The
     objective is certified: `bound_eur` is an upper bound on what any feasible
     schedule earns, and `bound_eur - objective_eur <= gap_tolerance * max(1, |obj|)`.
-    `gap_tolerance=None` skips the certificate (about 25 % faster; on the winter
+    The bound is in the model's valuation, which is the true revenue except below
+    the cycling price of the module docstring (there the model undervalues
+    discharge, so true revenue can exceed it). `gap_tolerance=None` skips the
+    certificate (about 25 % faster; on the winter
     evening fleet the plan is then 0.035 % below the LP optimum, but nothing checks
     it) and leaves `bound_eur` NaN. See the module docstring for the method.
 
