@@ -3,9 +3,20 @@
 Sealed segments are Parquet files DuckDB scans itself; the unsealed tail is handed
 over as an Arrow table (zero-copy). The view `events` has the columns of
 `events.schema.RECORD_SCHEMA`.
+
+:func:`attach_log` reads the folder afresh on every call. A reader that polls (the
+projection runner) keeps a :class:`LogView` instead: it remembers, per write-ahead
+file, how many bytes it has already decoded, so each poll reads only the frames
+appended since, and it leaves out of the view the sealed segments that end at or
+before the position the caller has already seen.
 """
 
 from __future__ import annotations
+
+import os
+import struct
+import zlib
+from dataclasses import dataclass, field
 
 import duckdb
 import pyarrow as pa
@@ -13,7 +24,12 @@ import pyarrow.compute as pc
 
 from events.reader import list_partitions
 from events.schema import RECORD_SCHEMA
-from events.wal import scan
+from events.wal import MAGIC, scan
+
+__all__ = ["LogView", "attach_log", "read_frames"]
+
+# The frame layout of `events.wal`: magic | payload length (u32 LE) | CRC-32 (u32 LE) | payload.
+_FRAME = struct.Struct("<4sII")
 
 
 def attach_log(con: duckdb.DuckDBPyConnection, root: str, view: str = "events") -> None:
@@ -28,6 +44,12 @@ def attach_log(con: duckdb.DuckDBPyConnection, root: str, view: str = "events") 
                 kept = batch.filter(pc.greater(batch.column("position"), sealed))
                 if kept.num_rows:
                     tail.append(kept)
+    _create_view(con, view, parquet, tail)
+
+
+def _create_view(
+    con: duckdb.DuckDBPyConnection, view: str, parquet: list[str], tail: list[pa.RecordBatch]
+) -> None:
     tail_table = pa.Table.from_batches(tail, RECORD_SCHEMA)
     con.register(f"{view}_tail", tail_table)
     selects = [f"SELECT * FROM {view}_tail"]
@@ -35,3 +57,112 @@ def attach_log(con: duckdb.DuckDBPyConnection, root: str, view: str = "events") 
         files = ", ".join("'" + p.replace("'", "''") + "'" for p in parquet)
         selects.insert(0, f"SELECT * FROM read_parquet([{files}])")
     con.execute(f"CREATE OR REPLACE TEMP VIEW {view} AS " + " UNION ALL BY NAME ".join(selects))
+
+
+def read_frames(path: str, offset: int) -> tuple[list[pa.RecordBatch], int, int]:
+    """Decode the whole frames of a write-ahead file from byte ``offset`` on.
+
+    Returns the batches, the offset just after the last whole frame, and the file's
+    size. A frame still being written (short, or its CRC not yet matching) ends the
+    read; the next call starts again at that frame.
+    """
+    with open(path, "rb") as f:
+        size = os.fstat(f.fileno()).st_size
+        if size <= offset:
+            return [], offset, size
+        f.seek(offset)
+        data = f.read()
+    batches: list[pa.RecordBatch] = []
+    at = 0
+    while at + _FRAME.size <= len(data):
+        magic, length, crc = _FRAME.unpack_from(data, at)
+        start = at + _FRAME.size
+        end = start + length
+        if magic != MAGIC or end > len(data):
+            break
+        payload = data[start:end]
+        if zlib.crc32(payload) != crc:
+            break
+        batches.extend(pa.ipc.open_stream(payload))
+        at = end
+    return batches, offset + at, size
+
+
+@dataclass
+class _WalTail:
+    offset: int = 0
+    # (first position, last position, batch), in the order the frames were written
+    batches: list[tuple[int, int, pa.RecordBatch]] = field(default_factory=list)
+
+    @property
+    def last_position(self) -> int:
+        return max((hi for _, hi, _ in self.batches), default=0)
+
+
+class LogView:
+    """The view ``events`` over a log folder, kept current by reading only what is new.
+
+    Example::
+
+        view = LogView("var/log")
+        view.attach(con)                 # first call: reads every write-ahead file
+        view.attach(con, after=1_000)    # later: only new frames; segments past 1,000
+    """
+
+    def __init__(self, root: str) -> None:
+        self.root = root
+        self._wals: dict[str, _WalTail] = {}
+
+    def attach(self, con: duckdb.DuckDBPyConnection, view: str = "events", after: int = 0) -> None:
+        """Create (or replace) ``view``; it holds at least every event with position > ``after``.
+
+        Sealed segments whose last position is <= ``after`` are left out (their events
+        are older than what the caller asks for); so are decoded write-ahead batches
+        that end at or before ``after``.
+        """
+        parquet: list[str] = []
+        tail: list[pa.RecordBatch] = []
+        for part in list_partitions(self.root):
+            folder = os.path.join(self.root, f"partition-{part.index:02d}")
+            sealed = part.segments[-1].last_position if part.segments else 0
+            parquet.extend(s.path for s in part.segments if s.last_position > after)
+            for path in part.wal_paths:
+                tail.extend(self._read(path, sealed, after))
+            # A write-ahead file sealed after the manifest was read is already gone
+            # from the folder: its events stay in memory until a manifest lists them.
+            for path, cached in list(self._wals.items()):
+                if os.path.dirname(path) != folder or path in part.wal_paths:
+                    continue
+                if cached.last_position <= sealed:
+                    del self._wals[path]
+                else:
+                    tail.extend(_keep(cached.batches, max(sealed, after)))
+        _create_view(con, view, parquet, tail)
+
+    def _read(self, path: str, sealed: int, after: int) -> list[pa.RecordBatch]:
+        cached = self._wals.setdefault(path, _WalTail())
+        try:
+            batches, offset, size = read_frames(path, cached.offset)
+            if size < cached.offset:  # truncated (the writer cut a torn tail): start over
+                cached = self._wals[path] = _WalTail()
+                batches, offset, _ = read_frames(path, 0)
+        except FileNotFoundError:  # sealed and removed since the folder was listed
+            batches, offset = [], cached.offset
+        cached.offset = offset
+        for b in batches:
+            if b.num_rows:
+                lo, hi = pc.min_max(b.column("position")).values()
+                cached.batches.append((lo.as_py(), hi.as_py(), b))
+        # rows a sealed segment holds are read from the segment
+        cached.batches = [(lo, hi, b) for lo, hi, b in cached.batches if hi > sealed]
+        return _keep(cached.batches, max(sealed, after))
+
+
+def _keep(batches: list[tuple[int, int, pa.RecordBatch]], after: int) -> list[pa.RecordBatch]:
+    """The rows with position > ``after``."""
+    out = []
+    for lo, hi, b in batches:
+        if hi <= after:
+            continue
+        out.append(b if lo > after else b.filter(pc.greater(b.column("position"), after)))
+    return out

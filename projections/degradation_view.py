@@ -5,6 +5,7 @@ Tables:
 ``telemetry``  one row per ``VehicleTelemetryReported`` (SoC, temperature, SoH, source;
     version-1 readings, which did not record it, have source ``unrecorded``).
 ``degradation_vehicles``  the latest ``VehicleRegistered`` of each vehicle.
+``degradation_reported_soh``  the SoH of each vehicle's latest telemetry reading.
 ``degradation_daily``  per vehicle and UTC day: telemetry readings (SoC min / max / sum,
     temperature sum / max, readings above 35 and 45 degC) and metered energy (grid-side
     kWh charged and discharged, hours with energy), merged as events arrive.
@@ -47,12 +48,42 @@ from projections.degradation import (
     soh_trajectory,
 )
 from projections.energy import run
-from projections.store import event_rows
+from projections.store import event_rows, window_has
 
 __all__ = ["DegradationParams", "DegradationProjection"]
 
 _KWH = "DECIMAL(18,6)"
 _SUM = "DECIMAL(38,6)"
+_TS = "TIMESTAMPTZ"
+
+# What this projection reads of each event type's payload (parsed once per round).
+READS: dict[str, dict[str, str]] = {
+    "VehicleRegistered": {
+        "vehicle_id": "VARCHAR",
+        "at": _TS,
+        "model": "VARCHAR",
+        "site_id": "VARCHAR",
+        "battery_capacity_kwh": "DOUBLE",
+        "discharge_throughput_budget_kwh": "DOUBLE",
+        "charge_efficiency": "DOUBLE",
+        "discharge_efficiency": "DOUBLE",
+    },
+    "VehicleTelemetryReported": {
+        "vehicle_id": "VARCHAR",
+        "measured_at": _TS,
+        "soc": "DECIMAL(9,6)",
+        "battery_temp_c": "DECIMAL(9,3)",
+        "soh": "DECIMAL(9,6)",
+        "source": "VARCHAR",
+    },
+    "VehicleEnergyRecorded": {
+        "vehicle_id": "VARCHAR",
+        "interval_start": _TS,
+        "interval_end": _TS,
+        "charged_kwh": _KWH,
+        "discharged_kwh": _KWH,
+    },
+}
 
 
 @dataclass(frozen=True)
@@ -88,9 +119,11 @@ class DegradationParams:
 class DegradationProjection:
     name = "degradation"
     depends_on: tuple[str, ...] = ()
+    reads = READS
     tables = (
         "telemetry",
         "degradation_vehicles",
+        "degradation_reported_soh",
         "degradation_daily",
         "degradation",
         "degradation_soh_trajectory",
@@ -108,6 +141,8 @@ class DegradationProjection:
                 vehicle_id VARCHAR PRIMARY KEY, position BIGINT, site_id VARCHAR,
                 model VARCHAR, registered_at TIMESTAMP, capacity_kwh DOUBLE,
                 budget_kwh DOUBLE, charge_efficiency DOUBLE, discharge_efficiency DOUBLE);
+            CREATE TABLE IF NOT EXISTS degradation_reported_soh (
+                vehicle_id VARCHAR PRIMARY KEY, position BIGINT, soh DECIMAL(9,6));
             CREATE TABLE IF NOT EXISTS degradation_daily (
                 vehicle_id VARCHAR, day DATE, readings BIGINT, soc_min DECIMAL(9,6),
                 soc_max DECIMAL(9,6), soc_sum {_SUM}, temp_sum {_SUM}, temp_max DECIMAL(9,3),
@@ -129,23 +164,13 @@ class DegradationProjection:
         """)
 
     def apply(self, con: duckdb.DuckDBPyConnection, after: int, through: int) -> None:
-        self._ingest(con, after, through)
-        self._assess(con)
+        # the assessment depends only on what these events feed: none new, nothing changes
+        if window_has(con, list(READS), after, through):
+            self._ingest(con, after, through)
+            self._assess(con)
 
     def _ingest(self, con: duckdb.DuckDBPyConnection, after: int, through: int) -> None:
-        reg = event_rows(
-            ["VehicleRegistered"],
-            {
-                "vehicle_id": "VARCHAR",
-                "at": "TIMESTAMPTZ",
-                "model": "VARCHAR",
-                "site_id": "VARCHAR",
-                "battery_capacity_kwh": "DOUBLE",
-                "discharge_throughput_budget_kwh": "DOUBLE",
-                "charge_efficiency": "DOUBLE",
-                "discharge_efficiency": "DOUBLE",
-            },
-        )
+        reg = event_rows(["VehicleRegistered"])
         run(
             con,
             f"""
@@ -159,17 +184,7 @@ class DegradationProjection:
             after,
             through,
         )
-        tel = event_rows(
-            ["VehicleTelemetryReported"],
-            {
-                "vehicle_id": "VARCHAR",
-                "measured_at": "TIMESTAMPTZ",
-                "soc": "DECIMAL(9,6)",
-                "battery_temp_c": "DECIMAL(9,3)",
-                "soh": "DECIMAL(9,6)",
-                "source": "VARCHAR",
-            },
-        )
+        tel = event_rows(["VehicleTelemetryReported"])
         run(
             con,
             f"""
@@ -184,16 +199,13 @@ class DegradationProjection:
             through,
         )
         con.execute("INSERT INTO telemetry SELECT * FROM _tel")
-        energy = event_rows(
-            ["VehicleEnergyRecorded"],
-            {
-                "vehicle_id": "VARCHAR",
-                "interval_start": "TIMESTAMPTZ",
-                "interval_end": "TIMESTAMPTZ",
-                "charged_kwh": _KWH,
-                "discharged_kwh": _KWH,
-            },
-        )
+        # the latest reading's SoH per vehicle: the window's latest is newer than any kept
+        con.execute("""
+            INSERT OR REPLACE INTO degradation_reported_soh
+            SELECT vehicle_id, position, soh FROM _tel
+            QUALIFY row_number() OVER (PARTITION BY vehicle_id ORDER BY position DESC) = 1
+        """)
+        energy = event_rows(["VehicleEnergyRecorded"])
         run(
             con,
             f"""
@@ -262,9 +274,8 @@ class DegradationProjection:
                    any_value(r.soh) AS reported_soh
             FROM degradation_vehicles v
             LEFT JOIN degradation_daily d USING (vehicle_id)
-            LEFT JOIN (SELECT vehicle_id, CAST(soh AS DOUBLE) AS soh FROM telemetry
-                       QUALIFY row_number() OVER (PARTITION BY vehicle_id
-                                                  ORDER BY position DESC) = 1) r
+            LEFT JOIN (SELECT vehicle_id, CAST(soh AS DOUBLE) AS soh
+                       FROM degradation_reported_soh) r
                 USING (vehicle_id)
             GROUP BY v.vehicle_id, v.site_id, v.capacity_kwh, v.budget_kwh,
                      v.charge_efficiency, v.discharge_efficiency, v.registered_at

@@ -25,7 +25,7 @@ from __future__ import annotations
 
 import duckdb
 
-from projections.store import event_rows
+from projections.store import event_rows, window_has
 
 __all__ = ["ENERGY_SOURCES", "INTERVAL_MINUTES", "EnergyProjection", "split_vehicle_energy_sql"]
 
@@ -33,6 +33,40 @@ INTERVAL_MINUTES = 15
 ENERGY_SOURCES = ("charger_meter", "setpoint", "vehicle_meter")
 _KWH = "DECIMAL(18,6)"
 _BUCKET = "INTERVAL 15 MINUTE"
+_TS = "TIMESTAMPTZ"
+_AT = {"vehicle_id": "VARCHAR", "at": _TS}
+_STRETCH_ENDS = (
+    "VehicleSafeStateEntered",
+    "VehiclePluggedIn",
+    "VehicleUnplugged",
+    "VehicleControlReleased",
+)
+_SETPOINT_FACTS = ("VehicleSetpointAccepted", "VehicleSetpointCurtailed", *_STRETCH_ENDS)
+
+# What this projection reads of each event type's payload (parsed once per round).
+READS: dict[str, dict[str, str]] = {
+    "VehicleRegistered": {"vehicle_id": "VARCHAR", "site_id": "VARCHAR"},
+    "VehiclePluggedIn": {**_AT, "charger_id": "VARCHAR"},
+    "VehicleUnplugged": {**_AT, "charger_id": "VARCHAR"},
+    "ChargerRegistered": {"charger_id": "VARCHAR", "site_id": "VARCHAR"},
+    "VehicleEnergyRecorded": {
+        "vehicle_id": "VARCHAR",
+        "interval_start": _TS,
+        "interval_end": _TS,
+        "charged_kwh": _KWH,
+        "discharged_kwh": _KWH,
+    },
+    "ChargerMeterValuesRecorded": {
+        "evse_id": "INTEGER",
+        "sampled_at": _TS,
+        "energy_import_kwh": _KWH,
+        "energy_export_kwh": _KWH,
+    },
+    "VehicleSetpointAccepted": {**_AT, "power_kw": "DOUBLE", "valid_until": _TS},
+    "VehicleSetpointCurtailed": {**_AT, "power_kw": "DOUBLE"},
+    "VehicleSafeStateEntered": _AT,
+    "VehicleControlReleased": _AT,
+}
 
 
 def _params(sql: str, after: int, through: int) -> dict[str, int]:
@@ -46,16 +80,7 @@ def run(con: duckdb.DuckDBPyConnection, sql: str, after: int, through: int) -> N
 
 def split_vehicle_energy_sql() -> str:
     """New ``VehicleEnergyRecorded`` events as 15-minute pieces (shared with revenue)."""
-    records = event_rows(
-        ["VehicleEnergyRecorded"],
-        {
-            "vehicle_id": "VARCHAR",
-            "interval_start": "TIMESTAMPTZ",
-            "interval_end": "TIMESTAMPTZ",
-            "charged_kwh": _KWH,
-            "discharged_kwh": _KWH,
-        },
-    )
+    records = event_rows(["VehicleEnergyRecorded"])
     return f"""
         WITH rec AS (
             SELECT position, p.vehicle_id AS vehicle_id,
@@ -63,11 +88,21 @@ def split_vehicle_energy_sql() -> str:
                    p.charged_kwh AS c, p.discharged_kwh AS d
             FROM ({records})
         ),
+        -- most records lie in one interval: no series to unnest, the whole amount
+        one AS (
+            SELECT position, vehicle_id, time_bucket({_BUCKET}, s) AS interval_start,
+                   c AS charged_kwh, d AS discharged_kwh
+            FROM rec
+            WHERE time_bucket({_BUCKET}, s) = time_bucket({_BUCKET}, e - INTERVAL 1 MICROSECOND)
+        ),
         pieces AS (
             SELECT *, unnest(generate_series(time_bucket({_BUCKET}, s),
                                              e - INTERVAL 1 MICROSECOND, {_BUCKET})) AS b
             FROM rec
+            WHERE time_bucket({_BUCKET}, s) <> time_bucket({_BUCKET}, e - INTERVAL 1 MICROSECOND)
         )
+        SELECT * FROM one
+        UNION ALL
         SELECT position, vehicle_id, b AS interval_start,
                CASE WHEN b <= s AND b + {_BUCKET} >= e THEN c
                     ELSE CAST(c * epoch(least(e, b + {_BUCKET}) - greatest(s, b)) / epoch(e - s)
@@ -82,6 +117,7 @@ def split_vehicle_energy_sql() -> str:
 class EnergyProjection:
     name = "energy"
     depends_on: tuple[str, ...] = ()
+    reads = READS
     tables = (
         "energy_vehicle_sites",
         "energy_vehicle_plugs",
@@ -142,7 +178,7 @@ class EnergyProjection:
     # ------------------------------------------------------------------ lookups
 
     def _context(self, con: duckdb.DuckDBPyConnection, after: int, through: int) -> None:
-        reg = event_rows(["VehicleRegistered"], {"vehicle_id": "VARCHAR", "site_id": "VARCHAR"})
+        reg = event_rows(["VehicleRegistered"])
         run(
             con,
             f"INSERT INTO energy_vehicle_sites SELECT p.vehicle_id, position, "
@@ -150,10 +186,7 @@ class EnergyProjection:
             after,
             through,
         )
-        plugs = event_rows(
-            ["VehiclePluggedIn", "VehicleUnplugged"],
-            {"vehicle_id": "VARCHAR", "charger_id": "VARCHAR"},
-        )
+        plugs = event_rows(["VehiclePluggedIn", "VehicleUnplugged"], ["vehicle_id", "charger_id"])
         run(
             con,
             "INSERT INTO energy_vehicle_plugs SELECT p.vehicle_id, position, "
@@ -161,9 +194,7 @@ class EnergyProjection:
             after,
             through,
         )
-        chargers = event_rows(
-            ["ChargerRegistered"], {"charger_id": "VARCHAR", "site_id": "VARCHAR"}
-        )
+        chargers = event_rows(["ChargerRegistered"])
         run(
             con,
             f"INSERT INTO energy_charger_sites SELECT p.charger_id, position, p.site_id "
@@ -192,15 +223,9 @@ class EnergyProjection:
         )
 
     def _charger_meter(self, con: duckdb.DuckDBPyConnection, after: int, through: int) -> None:
-        samples = event_rows(
-            ["ChargerMeterValuesRecorded"],
-            {
-                "evse_id": "INTEGER",
-                "sampled_at": "TIMESTAMPTZ",
-                "energy_import_kwh": _KWH,
-                "energy_export_kwh": _KWH,
-            },
-        )
+        if not window_has(con, ["ChargerMeterValuesRecorded"], after, through):
+            return
+        samples = event_rows(["ChargerMeterValuesRecorded"])
         run(
             con,
             f"""
@@ -250,28 +275,10 @@ class EnergyProjection:
     # ------------------------------------------------------------------ commanded
 
     def _setpoints(self, con: duckdb.DuckDBPyConnection, after: int, through: int) -> None:
-        accepted = event_rows(
-            ["VehicleSetpointAccepted"],
-            {
-                "vehicle_id": "VARCHAR",
-                "at": "TIMESTAMPTZ",
-                "power_kw": "DOUBLE",
-                "valid_until": "TIMESTAMPTZ",
-            },
-        )
-        ends = event_rows(
-            [
-                "VehicleSafeStateEntered",
-                "VehiclePluggedIn",
-                "VehicleUnplugged",
-                "VehicleControlReleased",
-            ],
-            {"vehicle_id": "VARCHAR", "at": "TIMESTAMPTZ"},
-        )
-        curtailed = event_rows(
-            ["VehicleSetpointCurtailed"],
-            {"vehicle_id": "VARCHAR", "at": "TIMESTAMPTZ", "power_kw": "DOUBLE"},
-        )
+        if not window_has(con, _SETPOINT_FACTS, after, through):
+            return  # no stretch starts or ends in this window
+        accepted = event_rows(["VehicleSetpointAccepted"])
+        ends = event_rows(_STRETCH_ENDS, ["vehicle_id", "at"])
         run(
             con,
             f"""
@@ -284,6 +291,12 @@ class EnergyProjection:
             after,
             through,
         )
+        if window_has(con, ["VehicleSetpointCurtailed"], after, through):
+            self._curtailments(con, after, through)
+        self._commanded(con, after, through)
+
+    def _curtailments(self, con: duckdb.DuckDBPyConnection, after: int, through: int) -> None:
+        curtailed = event_rows(["VehicleSetpointCurtailed"])
         run(
             con,
             f"""
@@ -297,6 +310,8 @@ class EnergyProjection:
             after,
             through,
         )
+
+    def _commanded(self, con: duckdb.DuckDBPyConnection, after: int, through: int) -> None:
         # Per vehicle touched: recompute from its last fact before this window (the
         # stretch that was open, whose end the new facts may set) onwards.
         run(

@@ -1,7 +1,9 @@
 """The audit replay: rebuild every projection from position 0, and check a live database.
 
-:func:`replay` builds the projections into a new file next to ``db_path`` and moves it
-into place only when complete, so a failed replay leaves the old database untouched.
+:func:`replay` builds the projections in an in-memory DuckDB (no write-ahead log, no
+commit to disk per projection), writes the finished database once into a new file
+next to ``db_path`` and moves it into place only then, so a failed replay leaves the
+old database untouched.
 Two replays of the same log give byte-identical exports (:mod:`projections.export`):
 money and energy are DECIMAL, and every export has a total ORDER BY.
 """
@@ -53,7 +55,7 @@ def replay(
     os.close(fd)
     os.remove(tmp)  # DuckDB creates the file itself
     try:
-        with ProjectionStore(tmp, projections) as store:
+        with ProjectionStore(":memory:", projections) as store:
             con = store.con
             attach_log(con, log_root, view="events_all")
             if until is None:
@@ -67,7 +69,7 @@ def replay(
             [(top,)] = con.execute("SELECT coalesce(max(position), 0) FROM events").fetchall()
             through = int(top)
             positions = store.apply_attached(through) if through else store.positions()
-            con.execute("CHECKPOINT")
+            store.save(tmp)
         os.replace(tmp, db_path)
         for suffix in (".wal",):
             if os.path.exists(db_path + suffix):

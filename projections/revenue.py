@@ -21,7 +21,9 @@ peak) and ``price_position`` the event that states its price.
     ``avoided_peak_kw x demand_charge_eur_per_kw_month`` of the month, on the row of
     the event that achieved it (ties: the earliest).
 
-Amounts are DECIMAL(18, 6) EUR, rounded half away from zero per row.
+Amounts are DECIMAL(18, 6) EUR, rounded half away from zero per row. Arbitrage and
+regulation energy are computed exactly (DECIMAL products); regulation capacity divides
+by 60 minutes, which DuckDB does in DOUBLE before the rounding.
 """
 
 from __future__ import annotations
@@ -29,18 +31,65 @@ from __future__ import annotations
 import duckdb
 
 from projections.energy import run
-from projections.store import event_rows
+from projections.store import event_rows, window_has
 
 __all__ = ["REVENUE_STREAMS", "RevenueProjection"]
 
 REVENUE_STREAMS = ("arbitrage", "peak_shaving", "regulation_capacity", "regulation_energy")
 _DEC = "DECIMAL(18,6)"
 _BUCKET = "INTERVAL 15 MINUTE"
+_TS = "TIMESTAMPTZ"
+# DuckDB divides DECIMALs in DOUBLE; kWh x EUR/MWh / 1000 stays exact as a product with
+# 0.001 in a DECIMAL wide enough for both scales (38 digits, 15 after the point).
+_PER_MILLE = "CAST(0.001 AS DECIMAL(4,3))"
+
+
+def _exact(expr: str) -> str:
+    return f"CAST({expr} AS DECIMAL(38,6))"
+
+
+_PRICE = {
+    "market_id": "VARCHAR",
+    "interval_start": _TS,
+    "interval_minutes": "INTEGER",
+    "version": "BIGINT",
+    "price_eur_per_mwh": _DEC,
+    "new_price_eur_per_mwh": _DEC,
+}
+
+# What this projection reads of each event type's payload (parsed once per round).
+READS: dict[str, dict[str, str]] = {
+    "MarketRegistered": {"market_id": "VARCHAR", "kind": "VARCHAR"},
+    "PricePublished": _PRICE,
+    "PriceRevised": _PRICE,
+    "RegulationCapacityReserved": {
+        "site_id": "VARCHAR",
+        "interval_start": _TS,
+        "interval_minutes": "INTEGER",
+        "up_kw": _DEC,
+        "down_kw": _DEC,
+        "price_eur_per_mw_per_h": _DEC,
+    },
+    "RegulationEnergyDelivered": {
+        "site_id": "VARCHAR",
+        "vehicle_id": "VARCHAR",
+        "interval_start": _TS,
+        "energy_kwh": _DEC,
+        "price_eur_per_mwh": _DEC,
+    },
+    "PeakShavingDelivered": {
+        "site_id": "VARCHAR",
+        "interval_start": _TS,
+        "avoided_peak_kw": _DEC,
+        "demand_charge_eur_per_kw_month": _DEC,
+    },
+}
 
 
 class RevenueProjection:
     name = "revenue"
     depends_on: tuple[str, ...] = ("energy",)
+    reads = READS
     tables = ("revenue_markets", "revenue_price_slots", "revenue_peak_facts", "revenue_lines")
 
     def __init__(self, settlement_kind: str = "day_ahead") -> None:
@@ -75,24 +124,14 @@ class RevenueProjection:
     # ------------------------------------------------------------------ arbitrage
 
     def _arbitrage(self, con: duckdb.DuckDBPyConnection, after: int, through: int) -> None:
-        markets = event_rows(["MarketRegistered"], {"market_id": "VARCHAR", "kind": "VARCHAR"})
+        markets = event_rows(["MarketRegistered"])
         run(
             con,
             f"INSERT INTO revenue_markets SELECT p.market_id, p.kind, position FROM ({markets})",
             after,
             through,
         )
-        prices = event_rows(
-            ["PricePublished", "PriceRevised"],
-            {
-                "market_id": "VARCHAR",
-                "interval_start": "TIMESTAMPTZ",
-                "interval_minutes": "INTEGER",
-                "version": "BIGINT",
-                "price_eur_per_mwh": _DEC,
-                "new_price_eur_per_mwh": _DEC,
-            },
-        )
+        prices = event_rows(["PricePublished", "PriceRevised"], list(_PRICE))
         # A price covers the 15-minute slots whose start lies in its interval.
         run(
             con,
@@ -113,19 +152,27 @@ class RevenueProjection:
             through,
         )
         con.execute("INSERT INTO revenue_price_slots SELECT * FROM _new_slots")
-        con.execute("""
-            DELETE FROM revenue_lines WHERE stream = 'arbitrage'
-              AND interval_start IN (SELECT slot FROM _new_slots)
-        """)
+        [(repriced,)] = con.execute("SELECT count(*) FROM _new_slots").fetchall()
+        if repriced:  # energy already priced (or waiting for a price) in these slots
+            con.execute("""
+                DELETE FROM revenue_lines WHERE stream = 'arbitrage'
+                  AND interval_start IN (SELECT slot FROM _new_slots)
+            """)
+        # new energy, plus (only if prices came) the energy of the slots they price
+        pieces = (
+            "SELECT * FROM energy_vehicle_metered WHERE position > $after AND position <= $through"
+        )
+        if repriced:
+            pieces += (
+                " UNION ALL SELECT * FROM energy_vehicle_metered"
+                " WHERE interval_start IN (SELECT slot FROM _new_slots)"
+                " AND NOT (position > $after AND position <= $through)"
+            )
         run(
             con,
             f"""
             INSERT INTO revenue_lines
-            WITH pieces AS (
-                SELECT * FROM energy_vehicle_metered
-                WHERE (position > $after AND position <= $through)
-                   OR interval_start IN (SELECT slot FROM _new_slots)
-            ),
+            WITH pieces AS ({pieces}),
             best AS (
                 SELECT ps.* FROM revenue_price_slots ps
                 JOIN (SELECT market_id FROM revenue_markets WHERE kind = ?
@@ -138,7 +185,8 @@ class RevenueProjection:
             )
             SELECT 'arbitrage', e.site_id, e.vehicle_id, b.market_id, e.interval_start,
                    e.discharged_kwh - e.charged_kwh, 'kWh', b.price_eur_per_mwh, 'EUR/MWh',
-                   CAST((e.discharged_kwh - e.charged_kwh) * b.price_eur_per_mwh / 1000 AS {_DEC}),
+                   CAST({_exact("e.discharged_kwh - e.charged_kwh")} * b.price_eur_per_mwh
+                        * {_PER_MILLE} AS {_DEC}),
                    e.position, b.position
             FROM pieces e LEFT JOIN best b ON b.slot = e.interval_start
             """.replace("?", "'" + self.settlement_kind.replace("'", "''") + "'"),
@@ -150,27 +198,11 @@ class RevenueProjection:
     # ------------------------------------------------------------------ grid services
 
     def _regulation(self, con: duckdb.DuckDBPyConnection, after: int, through: int) -> None:
-        capacity = event_rows(
-            ["RegulationCapacityReserved"],
-            {
-                "site_id": "VARCHAR",
-                "interval_start": "TIMESTAMPTZ",
-                "interval_minutes": "INTEGER",
-                "up_kw": _DEC,
-                "down_kw": _DEC,
-                "price_eur_per_mw_per_h": _DEC,
-            },
-        )
-        energy = event_rows(
-            ["RegulationEnergyDelivered"],
-            {
-                "site_id": "VARCHAR",
-                "vehicle_id": "VARCHAR",
-                "interval_start": "TIMESTAMPTZ",
-                "energy_kwh": _DEC,
-                "price_eur_per_mwh": _DEC,
-            },
-        )
+        kinds = ["RegulationCapacityReserved", "RegulationEnergyDelivered"]
+        if not window_has(con, kinds, after, through):
+            return
+        capacity = event_rows(["RegulationCapacityReserved"])
+        energy = event_rows(["RegulationEnergyDelivered"])
         run(
             con,
             f"""
@@ -187,7 +219,8 @@ class RevenueProjection:
             SELECT 'regulation_energy', p.site_id, p.vehicle_id, NULL,
                    timezone('UTC', p.interval_start), p.energy_kwh, 'kWh',
                    p.price_eur_per_mwh, 'EUR/MWh',
-                   CAST(p.energy_kwh * p.price_eur_per_mwh / 1000 AS {_DEC}), position, position
+                   CAST({_exact("p.energy_kwh")} * p.price_eur_per_mwh * {_PER_MILLE} AS {_DEC}),
+                   position, position
             FROM ({energy})
             """,
             after,
@@ -195,15 +228,9 @@ class RevenueProjection:
         )
 
     def _peak_shaving(self, con: duckdb.DuckDBPyConnection, after: int, through: int) -> None:
-        peaks = event_rows(
-            ["PeakShavingDelivered"],
-            {
-                "site_id": "VARCHAR",
-                "interval_start": "TIMESTAMPTZ",
-                "avoided_peak_kw": _DEC,
-                "demand_charge_eur_per_kw_month": _DEC,
-            },
-        )
+        if not window_has(con, ["PeakShavingDelivered"], after, through):
+            return
+        peaks = event_rows(["PeakShavingDelivered"])
         run(
             con,
             f"""

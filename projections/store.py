@@ -3,10 +3,13 @@
 Every projection owns some tables in one DuckDB file (``<data_dir>/projections.duckdb``)
 and one row of ``projection_positions(name, position)``: the last log position whose
 events its tables include. :meth:`ProjectionStore.apply` brings each projection up to
-the log's end, set-based: the projection's SQL reads the events with
-``position > its position`` from the view :func:`events.sql.attach_log` gives (Parquet
-segments plus the unsealed tail) and writes its rows and its new position in one
-transaction. A position at or below the one recorded is refused
+the log's end, set-based. Each round reads the new events once: one pass over the
+view :class:`events.sql.LogView` gives (Parquet segments plus the unsealed tail, read
+incrementally) copies the rows of the event types the projections declare in
+``reads``, and each type's payload is parsed once into a typed staging table
+``_ev_<Type>`` (a struct ``p`` with the union of the fields every projection asks for).
+Each projection's SQL reads those tables for ``position > its position`` and writes its
+rows and its new position in one transaction. A position at or below the one recorded is refused
 (:class:`PositionAlreadyApplied`), so an event applied twice counts once.
 
 A projection is written so that applying events in several steps gives exactly the
@@ -34,7 +37,7 @@ from typing import Protocol
 
 import duckdb
 
-from events.sql import attach_log
+from events.sql import LogView
 
 __all__ = [
     "DEFAULT_DB_NAME",
@@ -44,6 +47,8 @@ __all__ = [
     "ProjectionStore",
     "default_projections",
     "event_rows",
+    "staged_table",
+    "window_has",
 ]
 
 DEFAULT_DB_NAME = "projections.duckdb"
@@ -71,6 +76,8 @@ class Projection(Protocol):
     name: str
     depends_on: tuple[str, ...]
     tables: tuple[str, ...]  # base tables, dropped on reset (views are recreated by create)
+    # event type -> payload field -> DuckDB type: what the runner parses for it
+    reads: dict[str, dict[str, str]]
 
     def create(self, con: duckdb.DuckDBPyConnection) -> None:
         """Create the tables and views if missing (idempotent)."""
@@ -79,20 +86,67 @@ class Projection(Protocol):
         """Fold the events with ``after < position <= through`` of the view ``events``."""
 
 
-def event_rows(types: Sequence[str], fields: dict[str, str]) -> str:
-    """SQL for the events of ``types`` in the window ``($after, $through]``, payload parsed once.
+def staged_table(type_name: str) -> str:
+    """The temporary table holding this round's events of ``type_name``, payload parsed."""
+    if not type_name.isidentifier():
+        raise ProjectionError(f"event type {type_name!r} is not a plain identifier")
+    return f"_ev_{type_name}"
 
-    ``fields`` maps payload field -> DuckDB type; the parsed payload is the struct ``p``.
-    Timestamps should be asked for as ``TIMESTAMPTZ`` and turned into naive UTC with
+
+def event_rows(types: Sequence[str], fields: Sequence[str] | None = None) -> str:
+    """SQL for the events of ``types`` in the window ``($after, $through]``, payload parsed.
+
+    The payload is the struct ``p``, parsed once per round by the runner into the
+    staging tables (:func:`staged_table`) with every field the projections declare in
+    ``reads`` for that type. Several types are read together through ``fields``: then
+    ``p`` holds just those (each type must declare them), so the structs line up.
+    Timestamps are declared as ``TIMESTAMPTZ`` and turned into naive UTC with
     ``timezone('UTC', ...)``, so nothing depends on the session's time zone.
     """
-    structure = "{" + ", ".join(f'"{k}": "{v}"' for k, v in fields.items()) + "}"
-    names = ", ".join("'" + t + "'" for t in types)
-    return (
-        "SELECT position, stream_id, type, occurred_at, "
-        f"from_json(payload, '{structure}') AS p FROM events "
-        f"WHERE position > $after AND position <= $through AND type IN ({names})"
+    if fields is None and len(types) > 1:
+        raise ProjectionError("reading several event types together needs `fields`")
+    payload = (
+        "p"
+        if fields is None
+        else "struct_pack(" + ", ".join(f'"{f}" := p."{f}"' for f in fields) + ") AS p"
     )
+    return " UNION ALL ".join(
+        f"SELECT position, stream_id, type, occurred_at, {payload} FROM {staged_table(t)} "
+        "WHERE position > $after AND position <= $through"
+        for t in types
+    )
+
+
+def window_has(
+    con: duckdb.DuckDBPyConnection, types: Sequence[str], after: int, through: int
+) -> bool:
+    """Whether this round's staged events of ``types`` include one in ``(after, through]``.
+
+    Lets a projection skip statements whose only input is absent (a live round of a
+    few hundred events rarely holds every type), instead of scanning its tables.
+    """
+    probes = " UNION ALL ".join(
+        f"SELECT 1 FROM {staged_table(t)} WHERE position > {int(after)} "
+        f"AND position <= {int(through)}"
+        for t in types
+    )
+    [(found,)] = con.execute(f"SELECT EXISTS ({probes})").fetchall()
+    return bool(found)
+
+
+def merged_reads(projections: Sequence[Projection]) -> dict[str, dict[str, str]]:
+    """The union of the projections' ``reads``; one field must have one type everywhere."""
+    merged: dict[str, dict[str, str]] = {}
+    for p in projections:
+        for typ, fields in p.reads.items():
+            into = merged.setdefault(typ, {})
+            for name, sql_type in fields.items():
+                if into.setdefault(name, sql_type) != sql_type:
+                    raise ProjectionError(
+                        f"{typ}.{name}: projection {p.name!r} reads it as {sql_type}, "
+                        f"another as {into[name]}"
+                    )
+    return merged
 
 
 def default_projections() -> list[Projection]:
@@ -113,7 +167,8 @@ class ProjectionStore:
     """The projection database and the positions its projections have reached.
 
     Args:
-        db_path: the DuckDB file (created if missing).
+        db_path: the DuckDB file (created if missing), or ``":memory:"`` for a build
+            that :meth:`save` writes to a file once at the end (the audit replay).
         projections: defaults to energy, revenue and degradation, in dependency order.
         gap_grace_s: how long a hole in the log's positions may stay before it is
             taken as permanent and skipped.
@@ -141,11 +196,16 @@ class ProjectionStore:
                 if dep not in names or names.index(dep) > names.index(p.name):
                     raise ProjectionError(f"projection {p.name!r} needs {dep!r} applied before it")
         self.gap_grace_s = gap_grace_s
-        parent = os.path.dirname(os.path.abspath(db_path))
-        os.makedirs(parent, exist_ok=True)
+        self.reads = merged_reads(self.projections)
+        if db_path != ":memory:":
+            os.makedirs(os.path.dirname(os.path.abspath(db_path)), exist_ok=True)
         self.con = duckdb.connect(db_path)
         if threads is not None:
             self.con.execute(f"SET threads = {int(threads)}")
+        # sealed segments never change: their footers can be cached across polls
+        self.con.execute("SET parquet_metadata_cache = true")
+        self._views: dict[str, LogView] = {}
+        self._staged_empty: set[str] = set()  # staging tables known to be empty
         self._gap_seen: dict[int, float] = {}
         self._lock = threading.Lock()
         self.con.execute(
@@ -188,43 +248,85 @@ class ProjectionStore:
     def apply(self, log_root: str, through: int | None = None) -> dict[str, int]:
         """Bring every projection up to the log's end (or ``through``); returns the positions.
 
-        Projections already at that position are left alone; the log is read once
-        (as a DuckDB view) for all of them.
+        Projections already at that position are left alone; the new events are read
+        once (only what was appended since the last call) for all of them.
         """
         with self._lock:
-            attach_log(self.con, log_root)
-            target = self._settled_end(through)
-            for p in self.projections:
-                if self.position(p.name) < target:
-                    self._apply_one(p, target)
+            low = min(self.positions().values(), default=0)
+            self._view(log_root).attach(self.con, after=low)
+            target = self._settled_end(low, through)
+            self._apply_all(target)
             return self.positions()
 
     def apply_attached(self, through: int) -> dict[str, int]:
         """Like :meth:`apply` over a view ``events`` the caller attached (replay uses it)."""
         with self._lock:
-            for p in self.projections:
-                if self.position(p.name) < through:
-                    self._apply_one(p, through)
+            self._apply_all(through)
             return self.positions()
 
     def apply_projection(self, name: str, log_root: str, through: int) -> int:
         """Apply one projection up to ``through``; refuses a position it already has."""
         with self._lock:
-            attach_log(self.con, log_root)
             [p] = [q for q in self.projections if q.name == name] or [None]
             if p is None:
                 raise ProjectionError(f"no projection named {name!r}")
+            current = self.position(p.name)
+            self._view(log_root).attach(self.con, after=min(current, through))
+            self._stage(min(current, through), through)
             return self._apply_one(p, through)
+
+    def _view(self, log_root: str) -> LogView:
+        view = self._views.get(log_root)
+        if view is None:
+            view = self._views[log_root] = LogView(log_root)
+        return view
+
+    def _apply_all(self, through: int) -> None:
+        at = self.positions()
+        behind = [p for p in self.projections if at.get(p.name, 0) < through]
+        if not behind:
+            return
+        self._stage(min(at.get(p.name, 0) for p in behind), through)
+        for p in behind:
+            self._apply_one(p, through)
+
+    def _stage(self, after: int, through: int) -> None:
+        """Parse the payloads of the window's events once, one typed table per event type."""
+        con = self.con
+        names = ", ".join("'" + t.replace("'", "''") + "'" for t in self.reads)
+        con.execute(
+            "CREATE OR REPLACE TEMP TABLE _ev_raw AS "
+            "SELECT position, stream_id, type, occurred_at, payload FROM events "
+            f"WHERE position > {int(after)} AND position <= {int(through)} AND type IN ({names})"
+        )
+        present = {str(t) for (t,) in con.execute("SELECT DISTINCT type FROM _ev_raw").fetchall()}
+        for typ, fields in self.reads.items():
+            table = staged_table(typ)
+            if typ not in present and table in self._staged_empty:
+                continue  # still the empty table of an earlier round: no statement
+            structure = "{" + ", ".join(f'"{k}": "{v}"' for k, v in fields.items()) + "}"
+            where = "type = '" + typ.replace("'", "''") + "'" if typ in present else "false"
+            con.execute(
+                f"CREATE OR REPLACE TEMP TABLE {table} AS "
+                "SELECT position, stream_id, type, occurred_at, "
+                f"from_json(payload, '{structure}') AS p FROM _ev_raw WHERE {where}"
+            )
+            if typ in present:
+                self._staged_empty.discard(table)
+            else:
+                self._staged_empty.add(table)
+        con.execute("DROP TABLE _ev_raw")
 
     def _apply_one(self, p: Projection, through: int) -> int:
         con = self.con
         con.begin()
         try:
-            current = self.position(p.name)
+            at = self.positions()  # read inside the transaction that writes the new one
+            current = at.get(p.name, 0)
             if through <= current:
                 raise PositionAlreadyApplied(p.name, through, current)
             for dep in p.depends_on:
-                if self.position(dep) < through:
+                if at.get(dep, 0) < through:
                     raise ProjectionError(
                         f"projection {p.name!r} needs {dep!r} at position {through} first"
                     )
@@ -238,9 +340,8 @@ class ProjectionStore:
             raise
         return through
 
-    def _settled_end(self, through: int | None) -> int:
+    def _settled_end(self, low: int, through: int | None) -> int:
         """The last position before the first hole in the log (see the module docstring)."""
-        low = min(self.position(p.name) for p in self.projections)
         bound = "" if through is None else f" AND position <= {int(through)}"
         [(count, top)] = self.con.execute(
             f"SELECT count(*), coalesce(max(position), 0) FROM events WHERE position > ?{bound}",
@@ -265,6 +366,17 @@ class ProjectionStore:
             [low, low],
         ).fetchall()
         return int(rows[0][0]) if rows and rows[0][0] is not None else low + 1
+
+    def save(self, path: str) -> None:
+        """Write every table and view of this database to a new file ``path`` in one go."""
+        with self._lock:
+            [(name,)] = self.con.execute("SELECT current_database()").fetchall()
+            quoted = path.replace("'", "''")
+            self.con.execute(f"ATTACH '{quoted}' AS _save_target")
+            try:
+                self.con.execute(f'COPY FROM DATABASE "{name}" TO _save_target')
+            finally:
+                self.con.execute("DETACH _save_target")
 
     # ------------------------------------------------------------------ live
 
