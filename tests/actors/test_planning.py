@@ -20,6 +20,8 @@ def make_fleet(
     price: np.ndarray | None = None,
     degradation: float = 0.02,
     hold: int = 1,
+    price_mean: float = 80.0,
+    price_sd: float = 60.0,
 ) -> PlanningProblem:
     """Random fleet; prices change every `hold` intervals (4: hourly prices, 15-min plan)."""
     rng = np.random.default_rng(seed)
@@ -43,7 +45,7 @@ def make_fleet(
         transformer=tr,
         price_eur_per_mwh=price
         if price is not None
-        else np.repeat(rng.normal(80, 60, t), hold)[:t],
+        else np.repeat(rng.normal(price_mean, price_sd, t), hold)[:t],
         transformer_import_kw=tightness * per_transformer,
         transformer_export_kw=tightness * per_transformer,
         degradation_eur_per_kwh=degradation,
@@ -58,6 +60,19 @@ fleets = st.builds(
     j=st.integers(1, 3),
     tightness=st.sampled_from([0.3, 0.6, 1.0, 2.0]),
     hold=st.sampled_from([1, 4]),
+)
+# no wear and prices far below zero: where an LP would charge and discharge at once
+odd_markets = st.builds(
+    make_fleet,
+    seed=st.integers(0, 2**32 - 1),
+    n=st.integers(1, 12),
+    t=st.integers(4, 24),
+    j=st.integers(1, 3),
+    tightness=st.sampled_from([0.3, 0.6, 1.0]),
+    degradation=st.just(0.0),
+    hold=st.sampled_from([1, 2, 4]),
+    price_mean=st.just(0.0),
+    price_sd=st.just(300.0),
 )
 quick = settings(max_examples=40, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 
@@ -109,6 +124,22 @@ def test_a_thousand_vehicles_on_tight_transformers_match_the_oracle() -> None:
     assert violations(problem, result) == []
     gap = (reference.objective_eur - result.objective_eur) / abs(reference.objective_eur)
     assert gap <= 0.005
+
+
+@quick
+@given(problem=odd_markets)
+def test_without_wear_below_zero_no_battery_overfills_and_the_bound_holds(
+    problem: PlanningProblem,
+) -> None:
+    try:
+        reference = solve_monolithic(problem)
+    except InfeasiblePlan:
+        assume(False)
+    result = plan(problem)
+    assert violations(problem, result) == []
+    assert violations(problem, reference) == []
+    scale = max(abs(reference.bound_eur), 1.0)
+    assert result.bound_eur >= reference.bound_eur - 1e-5 * scale
 
 
 def test_on_the_winter_evening_of_the_bench_the_limits_bind() -> None:
