@@ -392,12 +392,14 @@ def _dp_schedules(
         pa = below_a.sum(axis=1)
         pb = below_b.sum(axis=1)
         k = slopes.shape[1]
-        col = np.arange(k)[None, :]
-        new_pos = col + (col >= pa[:, None]) + (col >= pb[:, None])
+        # the old segments keep their order around the two new ones (b <= a, so
+        # the charge segment goes in at pa and the discharge one at pb + 1)
+        col = np.arange(k + 2)[None, :]
+        old = (col != pa[:, None]) & (col != pb[:, None] + 1)
         new_slopes = np.empty((n, k + 2))
         new_lengths = np.empty((n, k + 2))
-        new_slopes[rows[:, None], new_pos] = slopes
-        new_lengths[rows[:, None], new_pos] = lengths
+        new_slopes[old] = slopes.ravel()
+        new_lengths[old] = lengths.ravel()
         new_slopes[rows, pa] = na[:, 0]
         new_lengths[rows, pa] = x_max[:, t]
         new_slopes[rows, pb + 1] = nb[:, 0]
