@@ -409,3 +409,56 @@ def test_an_inverter_setpoint_is_written_confirmed_and_faults_then_recovers(
     measured = len(system.events("inverter-inv-1", "InverterMeasured"))
     system.sims.run(inverter.start())
     system.wait_events("inverter-inv-1", "InverterMeasured", count=measured + 1)
+
+
+def test_a_restarted_relay_resumes_from_its_position_without_skipping_or_flooding(
+    system: System,
+) -> None:
+    fleet = system.fleet
+    relay = system.services.relay
+    ray.get(relay.wait_relayed.remote(fleet.watermark()))
+    before = ray.get(relay.status.remote())
+    assert before["sent_to_chargers"] >= 2  # the earlier tests' setpoints went out
+
+    ray.kill(relay, no_restart=False)
+    wait_until(
+        lambda: ray.get(relay.status.remote())["pid"] != before["pid"], what="a restarted relay"
+    )
+    after = ray.get(relay.status.remote())  # it read its position file
+    assert after["position"] >= before["position"] and after["sent_to_chargers"] == 0
+
+    # A new decision after the restart is relayed, and only that one. CS-A is not
+    # connected now, so the gateway records the attempt as "station offline".
+    now = datetime.now(UTC)
+    results = fleet.send_many(
+        [
+            PlugIn(
+                command_id="plug-van-1-again",
+                issued_at=now,
+                vehicle_id="van-1",
+                charger_id="CS-A",
+                charger_max_charge_kw=11,
+                charger_max_discharge_kw=11,
+            ),
+            GrantControl(
+                command_id="lease-van-1-again",
+                issued_at=now,
+                vehicle_id="van-1",
+                controller_id="dispatcher-test",
+                lease_until=now + timedelta(hours=2),
+            ),
+            RequestSetpoint(
+                command_id="sp-van-1-again",
+                issued_at=now,
+                vehicle_id="van-1",
+                controller_id="dispatcher-test",
+                power_kw=3.0,
+                valid_until=now + timedelta(minutes=15),
+            ),
+        ]
+    )
+    assert [r.status for r in results] == ["recorded"] * 3, results
+    rejected = system.wait_events("charger-CS-A", "ChargerSetpointRejected")
+    assert json.loads(rejected[-1].payload)["reason"] == "station offline"
+    ray.get(relay.wait_relayed.remote(fleet.watermark()))
+    assert ray.get(relay.status.remote())["sent_to_chargers"] == 1
