@@ -197,6 +197,7 @@ class Runtime:
                 ray.init(address=self.config.address, namespace=NAMESPACE, log_to_driver=False)
             else:
                 ray.init(
+                    address="local",  # a new local Ray, never someone else's running one
                     num_cpus=self.config.num_cpus,
                     include_dashboard=False,
                     namespace=NAMESPACE,

@@ -375,7 +375,13 @@ def main() -> None:
         rate, ack = bench_direct(per_thread, folder)
         figures["append_events_per_s_direct"] = rate
         figures["append_p99_ack_ms"] = ack
-        ray.init(num_cpus=2, include_dashboard=False, namespace="v2gfleet", log_to_driver=False)
+        ray.init(
+            address="local",
+            num_cpus=2,
+            include_dashboard=False,
+            namespace="v2gfleet",
+            log_to_driver=False,
+        )
         say("the log actor through Ray: 2 senders, pre-built 1,000-event batches")
         figures.update(bench_log_via_ray(per_thread[:2], folder))
         figures["ratio_log_via_ray_to_raw"] = (

@@ -8,6 +8,7 @@ import ray
 def ray_session():
     """One real local Ray per test module: Ray is heavy on a 2-core machine."""
     ray.init(
+        address="local",
         num_cpus=2,
         include_dashboard=False,
         namespace="v2gfleet",
