@@ -44,7 +44,7 @@ is full for hours of the night and the LP for 1,000 vehicles takes ~3.6 s.
    its convex piecewise-linear value function (insert two slopes per interval into
    a sorted list, clip to the energy bounds; the policy is two thresholds per
    interval). All vehicles run in lock-step as (vehicles x segments) numpy arrays:
-   ~0.13 s for 1,000, ~1.1 s for 10,000. Every plan starts with this DP.
+   ~0.1 s for 1,000, ~0.85 s for 10,000. Every plan starts with this DP.
 2. The full LP of one 100-vehicle transformer still takes ~0.17-0.23 s, ten of them
    more than the 1 s budget. But day-ahead prices are hourly while the plan has 15
    minutes: within a run of equal prices in which no vehicle plugs in, leaves or
@@ -66,9 +66,10 @@ is full for hours of the night and the LP for 1,000 vehicles takes ~3.6 s.
    With prices that change every interval, segments are intervals and step 2 is
    simply the exact per-transformer LP.
 
-Result (CPU seconds, winter fleet): 1,000 vehicles 0.65 s against 3.6 s for the
-monolithic LP, 0.035 % below its optimum and certified within 0.02 %; 10,000
-vehicles 5.8 s. When no limit binds, the DP alone: 0.12 s and 1.3 s.
+Result (CPU seconds, winter fleet): 1,000 vehicles 0.59 s against 3.4 s for the
+monolithic LP, 0.035 % below its optimum and certified within 0.1 %; 10,000
+vehicles 5.6 s. When no limit binds, the DP alone: 0.1 s and 1.1 s. Wall clock on
+the shared machine was up to 3x these at load averages of 6-9.
 
 Measured and not taken: Dantzig-Wolfe column generation with the DP as pricing
 (the previous method) needed ~30 rounds on the winter fleet, 17 s for 1,000
