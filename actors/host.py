@@ -43,7 +43,7 @@ from events.schema import PendingBatchBuilder, stream_hash
 class LogPort(Protocol):
     """What a host needs of the log (the `EventLog` itself, or its Ray actor)."""
 
-    def append_batch(self, batch: pa.RecordBatch) -> list[AppendOutcome]: ...
+    def append_batch(self, batch: pa.RecordBatch) -> Sequence[AppendOutcome]: ...
 
     def lookup_commands(self, command_ids: Sequence[str]) -> dict[str, Appended]: ...
 
@@ -215,7 +215,7 @@ class EntityHost:
     def _settle(
         self,
         appended: list[tuple[int, Command, list[Event]]],
-        outcomes: list[AppendOutcome],
+        outcomes: Sequence[AppendOutcome],
         tentative: dict[str, tuple[Any, int]],
         results: list[CommandResult | None],
     ) -> list[int]:

@@ -23,7 +23,7 @@ import ray
 from actors.decider import CommandResult, Decider
 from actors.host import EntityHost, Shard
 from events.base import Command
-from events.log import Appended, AppendOutcome, EventLog
+from events.log import Appended, BatchOutcome, EventLog
 from events.schema import stream_hash
 
 NAMESPACE = "v2gfleet"
@@ -53,7 +53,7 @@ class LogService:
         self.root = root
         self.log = EventLog(root, partitions=partitions, seal_events=seal_events)
 
-    async def append_batch(self, batch: pa.RecordBatch) -> list[AppendOutcome]:
+    async def append_batch(self, batch: pa.RecordBatch) -> BatchOutcome:
         return await asyncio.wrap_future(self.log.submit_batch(batch))
 
     async def lookup_commands(self, command_ids: Sequence[str]) -> dict[str, Appended]:
@@ -98,7 +98,7 @@ class RayLogPort:
     def __init__(self, handle: Any) -> None:
         self._log = handle
 
-    def append_batch(self, batch: pa.RecordBatch) -> list[AppendOutcome]:
+    def append_batch(self, batch: pa.RecordBatch) -> BatchOutcome:
         return ray.get(self._log.append_batch.remote(batch))  # type: ignore[no-any-return]
 
     def lookup_commands(self, command_ids: Sequence[str]) -> dict[str, Appended]:

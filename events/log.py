@@ -108,6 +108,72 @@ class Appended:
 AppendOutcome = Appended | ConcurrencyError
 
 
+class BatchOutcome(Sequence[AppendOutcome]):
+    """The outcome of each command of one batch, in order, kept as plain columns.
+
+    A batch of a thousand commands is answered with five lists rather than a
+    thousand objects: cheap to build in the writer thread and to pickle across
+    Ray; the `Appended` / `ConcurrencyError` objects are made when read.
+    """
+
+    __slots__ = ("_commands", "_conflicts", "_counts", "_duplicate", "_firsts", "_streams")
+
+    def __init__(
+        self,
+        commands: list[str] | None = None,
+        streams: list[str] | None = None,
+        firsts: list[int] | None = None,
+        counts: list[int] | None = None,
+        duplicate: list[bool] | None = None,
+        conflicts: dict[int, tuple[int, int]] | None = None,
+    ) -> None:
+        self._commands = commands if commands is not None else []
+        self._streams = streams if streams is not None else []
+        self._firsts = firsts if firsts is not None else []
+        self._counts = counts if counts is not None else []
+        self._duplicate = duplicate if duplicate is not None else []
+        self._conflicts = conflicts if conflicts is not None else {}  # index -> versions
+
+    def add(self, command_id: str, stream_id: str, first: int, count: int, dup: bool) -> None:
+        self._commands.append(command_id)
+        self._streams.append(stream_id)
+        self._firsts.append(first)
+        self._counts.append(count)
+        self._duplicate.append(dup)
+
+    def add_conflict(self, command_id: str, stream_id: str, expected: int, actual: int) -> None:
+        self._conflicts[len(self._commands)] = (expected, actual)
+        self.add(command_id, stream_id, 0, 0, False)
+
+    def __len__(self) -> int:
+        return len(self._commands)
+
+    def __getitem__(self, i: int) -> AppendOutcome:  # type: ignore[override]
+        conflict = self._conflicts.get(i)
+        if conflict is not None:
+            return ConcurrencyError(self._streams[i], *conflict)
+        return Appended(
+            self._commands[i],
+            self._streams[i],
+            self._firsts[i],
+            self._counts[i],
+            self._duplicate[i],
+        )
+
+    def __reduce__(self) -> tuple[type, tuple[object, ...]]:
+        return (
+            BatchOutcome,
+            (
+                self._commands,
+                self._streams,
+                self._firsts,
+                self._counts,
+                self._duplicate,
+                self._conflicts,
+            ),
+        )
+
+
 @dataclass(slots=True)
 class _Segment:
     file: str
@@ -185,7 +251,7 @@ class EventLog:
         self._state = threading.Condition()
         self._recover()
         self._next_position = self._watermark + 1
-        self._queue: queue.SimpleQueue[tuple[pa.RecordBatch, Future[list[AppendOutcome]]] | None]
+        self._queue: queue.SimpleQueue[tuple[pa.RecordBatch, Future[BatchOutcome]] | None]
         self._queue = queue.SimpleQueue()
         self._io = ThreadPoolExecutor(max_workers=self.partition_count, thread_name_prefix="fsync")
         self._sealer = ThreadPoolExecutor(max_workers=1, thread_name_prefix="seal")
@@ -232,7 +298,7 @@ class EventLog:
             raise outcome
         return outcome
 
-    def append_batch(self, batch: pa.RecordBatch) -> list[AppendOutcome]:
+    def append_batch(self, batch: pa.RecordBatch) -> BatchOutcome:
         """Group-commit a batch of pending events (`PENDING_SCHEMA`), one outcome per command.
 
         Rows of one command are contiguous and number their stream's versions
@@ -241,7 +307,7 @@ class EventLog:
         """
         return self.submit_batch(batch).result()
 
-    def submit_batch(self, batch: pa.RecordBatch) -> Future[list[AppendOutcome]]:
+    def submit_batch(self, batch: pa.RecordBatch) -> Future[BatchOutcome]:
         """Like `append_batch`, but returns at once with a future of the outcomes."""
         if batch.schema != PENDING_SCHEMA:
             raise ValueError(f"batch schema must be PENDING_SCHEMA, got {batch.schema}")
@@ -250,7 +316,7 @@ class EventLog:
         if self._failed is not None:
             raise LogError(f"the log stopped accepting appends: {self._failed}")
         _check_commands_are_contiguous(batch)
-        future: Future[list[AppendOutcome]] = Future()
+        future: Future[BatchOutcome] = Future()
         self._queue.put((batch, future))
         return future
 
@@ -324,22 +390,39 @@ class EventLog:
                 return
 
     def _commit(
-        self, items: list[tuple[pa.RecordBatch, Future[list[AppendOutcome]]]]
-    ) -> list[list[AppendOutcome]]:
+        self, items: list[tuple[pa.RecordBatch, Future[BatchOutcome]]]
+    ) -> list[BatchOutcome]:
         versions: dict[str, int] = {}
         new_commands: dict[str, int] = {}
-        outcomes: list[list[AppendOutcome]] = []
+        outcomes: list[BatchOutcome] = []
         accepted_tables: list[pa.Table] = []
         accepted_positions: list[np.ndarray] = []
         position = self._next_position
         for batch, _ in items:
-            results: list[AppendOutcome] = []
             stream_ids = batch.column("stream_id").to_pylist()
             cmd_ids = batch.column("command_id").to_pylist()
             stream_versions = batch.column("stream_version").to_pylist()
-            take: list[int] = []
-            positions: list[int] = []
             n = len(stream_ids)
+            fast = self._all_new_singles(
+                cmd_ids, stream_ids, stream_versions, versions, new_commands
+            )
+            if fast:
+                # every row is a new one-event command on its own stream, each stream
+                # at the version it expects: the common case, judged without a loop
+                positions = range(position, position + n)
+                packed = [(p << _COUNT_BITS) | 1 for p in positions]
+                new_commands.update(zip(cmd_ids, packed, strict=True))
+                versions.update(zip(stream_ids, stream_versions, strict=True))
+                outcomes.append(
+                    BatchOutcome(cmd_ids, stream_ids, list(positions), [1] * n, [False] * n)
+                )
+                accepted_tables.append(pa.Table.from_batches([batch]))
+                accepted_positions.append(np.arange(position, position + n, dtype=np.int64))
+                position += n
+                continue
+            results = BatchOutcome()
+            take: list[int] = []
+            taken_positions: list[int] = []
             i = 0
             while i < n:
                 cmd, sid = cmd_ids[i], stream_ids[i]
@@ -350,7 +433,8 @@ class EventLog:
                 if prior is None:
                     prior = self._commands.get(cmd)
                 if prior is not None:
-                    results.append(self._duplicate(cmd, prior, sid))
+                    dup = self._duplicate(cmd, prior, sid)
+                    results.add(cmd, sid, dup.first_position, dup.count, True)
                     i = j
                     continue
                 current = versions.get(sid)
@@ -358,15 +442,15 @@ class EventLog:
                     current = self._versions.get(sid, 0)
                 expected = stream_versions[i] - 1
                 if expected != current:
-                    results.append(ConcurrencyError(sid, expected, current))
+                    results.add_conflict(cmd, sid, expected, current)
                     i = j
                     continue
                 count = j - i
                 take.extend(range(i, j))
-                positions.extend(range(position, position + count))
+                taken_positions.extend(range(position, position + count))
                 new_commands[cmd] = (position << _COUNT_BITS) | count
                 versions[sid] = current + count
-                results.append(Appended(cmd, sid, position, count))
+                results.add(cmd, sid, position, count, False)
                 position += count
                 i = j
             outcomes.append(results)
@@ -375,7 +459,7 @@ class EventLog:
                 if len(take) != n:
                     table = table.take(pa.array(take, pa.int64()))
                 accepted_tables.append(table)
-                accepted_positions.append(np.asarray(positions, dtype=np.int64))
+                accepted_positions.append(np.asarray(taken_positions, dtype=np.int64))
         if accepted_tables:
             self._write(accepted_tables, accepted_positions)
         with self._state:
@@ -385,6 +469,29 @@ class EventLog:
             self._watermark = position - 1
             self._state.notify_all()
         return outcomes
+
+    def _all_new_singles(
+        self,
+        cmd_ids: list[str],
+        stream_ids: list[str],
+        stream_versions: list[int],
+        round_versions: dict[str, int],
+        round_commands: dict[str, int],
+    ) -> bool:
+        """True when each row is a new command with one event on a stream of its own,
+        and every stream is at the version its row expects (set and map operations,
+        which run in C)."""
+        n = len(cmd_ids)
+        cmd_set = set(cmd_ids)
+        sid_set = set(stream_ids)
+        if len(cmd_set) != n or len(sid_set) != n:
+            return False
+        if self._commands.keys() & cmd_set or round_commands.keys() & cmd_set:
+            return False
+        if round_versions.keys() & sid_set:
+            return False
+        current = list(map(self._versions.get, stream_ids, [0] * n))
+        return all(map(int.__eq__, current, [v - 1 for v in stream_versions]))
 
     @staticmethod
     def _duplicate(cmd: str, packed: int, stream_id: str) -> Appended:
@@ -425,14 +532,13 @@ class EventLog:
         self, part: _Partition, pending: pa.Table, positions: np.ndarray
     ) -> pa.RecordBatch:
         bodies = pending.column("body").to_pylist()
-        prev_hashes: list[bytes] = []
+        n = pending.num_rows
         hashes: list[bytes] = []
         h = part.last_hash
         for p, body in zip(positions.tolist(), bodies, strict=True):
-            prev_hashes.append(h)
-            h = chained_hash(h, p, body)
+            h = chained_hash(h, p, body)  # sequential by nature: ~0.9 µs an event
             hashes.append(h)
-        n = pending.num_rows
+        prev_hashes = [part.last_hash, *hashes[:-1]]
         columns = {
             "position": pa.array(positions, pa.int64()),
             "partition": pa.array(np.full(n, part.index, dtype=np.int32)),

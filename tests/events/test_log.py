@@ -135,3 +135,21 @@ def test_a_batch_whose_command_spans_two_streams_is_refused(log):
         log.append_batch(builder.build())
     # and the log still takes good appends afterwards
     assert log.append("vehicle-1", [Pinged(n=1)], 0, "d", T0).positions == (1,)
+
+
+def test_a_batch_of_fresh_single_event_commands_takes_the_fast_path_and_the_same_answers(log):
+    log.append("vehicle-0", [Pinged(n=0)], 0, "first", T0)
+    builder = PendingBatchBuilder()
+    for i in range(1, 50):  # one new command per stream, each at the version it expects
+        builder.add(f"vehicle-{i}", 1, f"c{i}/0", "Pinged", 1, T0, f"c{i}", "", f'{{"n":{i}}}')
+    outcomes = log.append_batch(builder.build())
+    assert [o.positions for o in outcomes] == [(p,) for p in range(2, 51)]
+    assert not any(o.duplicate for o in outcomes)
+
+    again = PendingBatchBuilder()  # the same commands again: every one a duplicate
+    for i in range(1, 50):
+        again.add(f"vehicle-{i}", 1, f"c{i}/0", "Pinged", 1, T0, f"c{i}", "", f'{{"n":{i}}}')
+    repeats = log.append_batch(again.build())
+    assert all(o.duplicate for o in repeats)
+    assert [o.positions for o in repeats] == [o.positions for o in outcomes]
+    assert log.read_all().num_rows == 50
