@@ -87,4 +87,3 @@ def configure(
     metrics.set_meter_provider(MeterProvider(resource=resource, metric_readers=[reader]))
     telemetry.metric_reader = reader
     return telemetry
-
