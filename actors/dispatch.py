@@ -344,7 +344,7 @@ def _next_seq(command_seq: int, state_seq: int, what: str) -> bool:
 
 
 def _configure(command: ConfigureDispatcher, state: DispatchState) -> list[Event]:
-    fields = command.model_dump(exclude=ENVELOPE_FIELDS | {"site_id"})
+    fields = command.model_dump(exclude={*ENVELOPE_FIELDS, "site_id"})
     configured = DispatcherConfigured(site_id=command.site_id, at=command.issued_at, **fields)
     if state.config is not None and state.config.model_dump(exclude={"at"}) == (
         configured.model_dump(exclude={"at"})
@@ -378,7 +378,7 @@ def _frequency_response(command: IssueFrequencyResponse, state: DispatchState) -
         return []
     if state.halted is not None:
         raise CommandRejected(f"{state.halted}; no frequency response")
-    fields = command.model_dump(exclude=ENVELOPE_FIELDS | {"site_id"})
+    fields = command.model_dump(exclude={*ENVELOPE_FIELDS, "site_id"})
     return [FrequencyResponseIssued(site_id=command.site_id, at=command.issued_at, **fields)]
 
 
@@ -403,7 +403,7 @@ def decide(command: DispatchCommand, state: DispatchState) -> list[Event]:
             share_sum = command.arbitrage_share + command.regulation_share
             if abs(share_sum + command.peak_shaving_share - 1) > 1e-9:
                 raise CommandRejected("the three shares of the SoC budget must add up to 1")
-            fields = command.model_dump(exclude=ENVELOPE_FIELDS | {"site_id"})
+            fields = command.model_dump(exclude={*ENVELOPE_FIELDS, "site_id"})
             return [DispatchPlanAdopted(site_id=site, at=at, **fields)]
         case IssueSetpoints():
             return _issue_setpoints(command, state)

@@ -708,7 +708,7 @@ def _register(command: RegisterVehicle, state: VehicleState) -> list[Event]:
             f"refuse_discharge_above_c {command.refuse_discharge_above_c} must be above "
             f"derate_above_c {command.derate_above_c}"
         )
-    spec = VehicleSpec.model_validate(command.model_dump(exclude=ENVELOPE_FIELDS | {"vehicle_id"}))
+    spec = VehicleSpec.model_validate(command.model_dump(exclude={*ENVELOPE_FIELDS, "vehicle_id"}))
     if state.spec == spec:
         return []
     if state.spec is not None:
