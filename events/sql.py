@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import os
 import struct
+import threading
 import zlib
 from dataclasses import dataclass, field
 
@@ -59,17 +60,23 @@ def _create_view(
     con.execute(f"CREATE OR REPLACE TEMP VIEW {view} AS " + " UNION ALL BY NAME ".join(selects))
 
 
-def read_frames(path: str, offset: int) -> tuple[list[pa.RecordBatch], int, int]:
+def read_frames(
+    path: str, offset: int, inode: int | None = None
+) -> tuple[list[pa.RecordBatch], int, int, int]:
     """Decode the whole frames of a write-ahead file from byte ``offset`` on.
 
-    Returns the batches, the offset just after the last whole frame, and the file's
-    size. A frame still being written (short, or its CRC not yet matching) ends the
-    read; the next call starts again at that frame.
+    Returns the batches, the offset just after the last whole frame, the file's size
+    and its inode. A frame still being written (short, or its CRC not yet matching)
+    ends the read; the next call starts again at that frame. A file that is not the
+    one ``inode`` names (the folder was recreated) is read from its start.
     """
     with open(path, "rb") as f:
-        size = os.fstat(f.fileno()).st_size
+        st = os.fstat(f.fileno())
+        size = st.st_size
+        if inode is not None and st.st_ino != inode:
+            offset = 0
         if size <= offset:
-            return [], offset, size
+            return [], offset, size, st.st_ino
         f.seek(offset)
         data = f.read()
     batches: list[pa.RecordBatch] = []
@@ -85,12 +92,13 @@ def read_frames(path: str, offset: int) -> tuple[list[pa.RecordBatch], int, int]
             break
         batches.extend(pa.ipc.open_stream(payload))
         at = end
-    return batches, offset + at, size
+    return batches, offset + at, size, st.st_ino
 
 
 @dataclass
 class _WalTail:
     offset: int = 0
+    inode: int | None = None
     # (first position, last position, batch), in the order the frames were written
     batches: list[tuple[int, int, pa.RecordBatch]] = field(default_factory=list)
 
@@ -112,6 +120,7 @@ class LogView:
     def __init__(self, root: str) -> None:
         self.root = root
         self._wals: dict[str, _WalTail] = {}
+        self._lock = threading.Lock()  # one view may serve several connections
 
     def attach(self, con: duckdb.DuckDBPyConnection, view: str = "events", after: int = 0) -> None:
         """Create (or replace) ``view``; it holds at least every event with position > ``after``.
@@ -120,6 +129,11 @@ class LogView:
         are older than what the caller asks for); so are decoded write-ahead batches
         that end at or before ``after``.
         """
+        with self._lock:
+            parquet, tail = self._current(after)
+        _create_view(con, view, parquet, tail)
+
+    def _current(self, after: int) -> tuple[list[str], list[pa.RecordBatch]]:
         parquet: list[str] = []
         tail: list[pa.RecordBatch] = []
         for part in list_partitions(self.root):
@@ -137,15 +151,18 @@ class LogView:
                     del self._wals[path]
                 else:
                     tail.extend(_keep(cached.batches, max(sealed, after)))
-        _create_view(con, view, parquet, tail)
+        return parquet, tail
 
     def _read(self, path: str, sealed: int, after: int) -> list[pa.RecordBatch]:
         cached = self._wals.setdefault(path, _WalTail())
+        start = cached.offset
         try:
-            batches, offset, size = read_frames(path, cached.offset)
-            if size < cached.offset:  # truncated (the writer cut a torn tail): start over
-                cached = self._wals[path] = _WalTail()
-                batches, offset, _ = read_frames(path, 0)
+            batches, offset, size, inode = read_frames(path, start, cached.inode)
+            if inode != cached.inode:  # first read, or another file: read from its start
+                cached = self._wals[path] = _WalTail(inode=inode)
+            elif size < start:  # truncated (the writer cut a torn tail): start over
+                cached = self._wals[path] = _WalTail(inode=inode)
+                batches, offset, _, _ = read_frames(path, 0)
         except FileNotFoundError:  # sealed and removed since the folder was listed
             batches, offset = [], cached.offset
         cached.offset = offset

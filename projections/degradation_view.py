@@ -116,6 +116,17 @@ class DegradationParams:
             ) from None
 
 
+def _tel_rows() -> str:
+    """The window's telemetry readings as rows of the ``telemetry`` table."""
+    return f"""
+        SELECT position, p.vehicle_id AS vehicle_id,
+               timezone('UTC', p.measured_at) AS measured_at, p.soc AS soc,
+               p.battery_temp_c AS battery_temp_c, p.soh AS soh,
+               coalesce(p.source, 'unrecorded') AS source  -- schema v1 had none
+        FROM ({event_rows(["VehicleTelemetryReported"])})
+    """
+
+
 class DegradationProjection:
     name = "degradation"
     depends_on: tuple[str, ...] = ()
@@ -170,6 +181,16 @@ class DegradationProjection:
             self._assess(con)
 
     def _ingest(self, con: duckdb.DuckDBPyConnection, after: int, through: int) -> None:
+        if window_has(con, ["VehicleRegistered"], after, through):
+            self._registrations(con, after, through)
+        has_tel = window_has(con, ["VehicleTelemetryReported"], after, through)
+        if has_tel:
+            self._telemetry(con, after, through)
+        self._daily(con, after, through, "_tel" if has_tel else f"({_tel_rows()})")
+        if has_tel:
+            con.execute("DROP TABLE _tel")
+
+    def _registrations(self, con: duckdb.DuckDBPyConnection, after: int, through: int) -> None:
         reg = event_rows(["VehicleRegistered"])
         run(
             con,
@@ -184,20 +205,9 @@ class DegradationProjection:
             after,
             through,
         )
-        tel = event_rows(["VehicleTelemetryReported"])
-        run(
-            con,
-            f"""
-            CREATE OR REPLACE TEMP TABLE _tel AS
-            SELECT position, p.vehicle_id AS vehicle_id,
-                   timezone('UTC', p.measured_at) AS measured_at, p.soc AS soc,
-                   p.battery_temp_c AS battery_temp_c, p.soh AS soh,
-                   coalesce(p.source, 'unrecorded') AS source  -- schema v1 had none
-            FROM ({tel})
-            """,
-            after,
-            through,
-        )
+
+    def _telemetry(self, con: duckdb.DuckDBPyConnection, after: int, through: int) -> None:
+        run(con, f"CREATE OR REPLACE TEMP TABLE _tel AS {_tel_rows()}", after, through)
         con.execute("INSERT INTO telemetry SELECT * FROM _tel")
         # the latest reading's SoH per vehicle: the window's latest is newer than any kept
         con.execute("""
@@ -205,6 +215,11 @@ class DegradationProjection:
             SELECT vehicle_id, position, soh FROM _tel
             QUALIFY row_number() OVER (PARTITION BY vehicle_id ORDER BY position DESC) = 1
         """)
+
+    def _daily(
+        self, con: duckdb.DuckDBPyConnection, after: int, through: int, readings: str
+    ) -> None:
+        """Merge the window's readings (a table or subquery) and metered energy per day."""
         energy = event_rows(["VehicleEnergyRecorded"])
         run(
             con,
@@ -221,7 +236,7 @@ class DegradationProjection:
                        CAST(battery_temp_c > 45 AS INTEGER) AS above_45c,
                        0 AS charged_kwh, 0 AS discharged_kwh, 0 AS metered_hours,
                        measured_at AS last_at
-                FROM _tel
+                FROM {readings}
                 UNION ALL
                 SELECT p.vehicle_id, CAST(timezone('UTC', p.interval_start) AS DATE), 0,
                        NULL, NULL, 0, 0, NULL, 0, 0, p.charged_kwh, p.discharged_kwh,
@@ -249,7 +264,6 @@ class DegradationProjection:
             after,
             through,
         )
-        con.execute("DROP TABLE _tel")
 
     def _assess(self, con: duckdb.DuckDBPyConnection) -> None:
         t = con.sql("""

@@ -178,34 +178,32 @@ class EnergyProjection:
     # ------------------------------------------------------------------ lookups
 
     def _context(self, con: duckdb.DuckDBPyConnection, after: int, through: int) -> None:
-        reg = event_rows(["VehicleRegistered"])
-        run(
-            con,
-            f"INSERT INTO energy_vehicle_sites SELECT p.vehicle_id, position, "
-            f"p.site_id FROM ({reg})",
-            after,
-            through,
-        )
         plugs = event_rows(["VehiclePluggedIn", "VehicleUnplugged"], ["vehicle_id", "charger_id"])
-        run(
-            con,
-            "INSERT INTO energy_vehicle_plugs SELECT p.vehicle_id, position, "
-            f"CASE WHEN type = 'VehiclePluggedIn' THEN p.charger_id END FROM ({plugs})",
-            after,
-            through,
-        )
-        chargers = event_rows(["ChargerRegistered"])
-        run(
-            con,
-            f"INSERT INTO energy_charger_sites SELECT p.charger_id, position, p.site_id "
-            f"FROM ({chargers})",
-            after,
-            through,
-        )
+        for types, sql in (
+            (
+                ["VehicleRegistered"],
+                "INSERT INTO energy_vehicle_sites SELECT p.vehicle_id, position, p.site_id "
+                f"FROM ({event_rows(['VehicleRegistered'])})",
+            ),
+            (
+                ["VehiclePluggedIn", "VehicleUnplugged"],
+                "INSERT INTO energy_vehicle_plugs SELECT p.vehicle_id, position, "
+                f"CASE WHEN type = 'VehiclePluggedIn' THEN p.charger_id END FROM ({plugs})",
+            ),
+            (
+                ["ChargerRegistered"],
+                "INSERT INTO energy_charger_sites SELECT p.charger_id, position, p.site_id "
+                f"FROM ({event_rows(['ChargerRegistered'])})",
+            ),
+        ):
+            if window_has(con, types, after, through):
+                run(con, sql, after, through)
 
     # ------------------------------------------------------------------ metered
 
     def _vehicle_meter(self, con: duckdb.DuckDBPyConnection, after: int, through: int) -> None:
+        if not window_has(con, ["VehicleEnergyRecorded"], after, through):
+            return
         run(
             con,
             f"""

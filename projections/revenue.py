@@ -124,36 +124,19 @@ class RevenueProjection:
     # ------------------------------------------------------------------ arbitrage
 
     def _arbitrage(self, con: duckdb.DuckDBPyConnection, after: int, through: int) -> None:
-        markets = event_rows(["MarketRegistered"])
-        run(
-            con,
-            f"INSERT INTO revenue_markets SELECT p.market_id, p.kind, position FROM ({markets})",
-            after,
-            through,
-        )
-        prices = event_rows(["PricePublished", "PriceRevised"], list(_PRICE))
-        # A price covers the 15-minute slots whose start lies in its interval.
-        run(
-            con,
-            f"""
-            CREATE OR REPLACE TEMP TABLE _new_slots AS
-            SELECT market_id,
-                   unnest(generate_series(
-                       time_bucket({_BUCKET}, s - INTERVAL 1 MICROSECOND) + {_BUCKET},
-                       s + to_minutes(minutes) - INTERVAL 1 MICROSECOND,
-                       {_BUCKET})) AS slot,
-                   s AS interval_start, version, price, position
-            FROM (SELECT p.market_id AS market_id, timezone('UTC', p.interval_start) AS s,
-                         p.interval_minutes AS minutes, p.version AS version,
-                         coalesce(p.new_price_eur_per_mwh, p.price_eur_per_mwh) AS price, position
-                  FROM ({prices}))
-            """,
-            after,
-            through,
-        )
-        con.execute("INSERT INTO revenue_price_slots SELECT * FROM _new_slots")
-        [(repriced,)] = con.execute("SELECT count(*) FROM _new_slots").fetchall()
-        if repriced:  # energy already priced (or waiting for a price) in these slots
+        if window_has(con, ["MarketRegistered"], after, through):
+            markets = event_rows(["MarketRegistered"])
+            run(
+                con,
+                f"INSERT INTO revenue_markets SELECT p.market_id, p.kind, position "
+                f"FROM ({markets})",
+                after,
+                through,
+            )
+        repriced = window_has(con, ["PricePublished", "PriceRevised"], after, through)
+        if repriced:
+            self._price_slots(con, after, through)
+            # energy already priced (or waiting for a price) in these slots
             con.execute("""
                 DELETE FROM revenue_lines WHERE stream = 'arbitrage'
                   AND interval_start IN (SELECT slot FROM _new_slots)
@@ -193,7 +176,31 @@ class RevenueProjection:
             after,
             through,
         )
-        con.execute("DROP TABLE _new_slots")
+        if repriced:
+            con.execute("DROP TABLE _new_slots")
+
+    def _price_slots(self, con: duckdb.DuckDBPyConnection, after: int, through: int) -> None:
+        prices = event_rows(["PricePublished", "PriceRevised"], list(_PRICE))
+        # A price covers the 15-minute slots whose start lies in its interval.
+        run(
+            con,
+            f"""
+            CREATE OR REPLACE TEMP TABLE _new_slots AS
+            SELECT market_id,
+                   unnest(generate_series(
+                       time_bucket({_BUCKET}, s - INTERVAL 1 MICROSECOND) + {_BUCKET},
+                       s + to_minutes(minutes) - INTERVAL 1 MICROSECOND,
+                       {_BUCKET})) AS slot,
+                   s AS interval_start, version, price, position
+            FROM (SELECT p.market_id AS market_id, timezone('UTC', p.interval_start) AS s,
+                         p.interval_minutes AS minutes, p.version AS version,
+                         coalesce(p.new_price_eur_per_mwh, p.price_eur_per_mwh) AS price, position
+                  FROM ({prices}))
+            """,
+            after,
+            through,
+        )
+        con.execute("INSERT INTO revenue_price_slots SELECT * FROM _new_slots")
 
     # ------------------------------------------------------------------ grid services
 

@@ -117,14 +117,27 @@ def event_rows(types: Sequence[str], fields: Sequence[str] | None = None) -> str
     )
 
 
+# Per connection (by id, while its store is staging): the staged window and the event
+# types it holds, so that `window_has` answers "absent" without a query.
+_STAGED: dict[int, tuple[int, int, frozenset[str]]] = {}
+
+
 def window_has(
     con: duckdb.DuckDBPyConnection, types: Sequence[str], after: int, through: int
 ) -> bool:
     """Whether this round's staged events of ``types`` include one in ``(after, through]``.
 
     Lets a projection skip statements whose only input is absent (a live round of a
-    few hundred events rarely holds every type), instead of scanning its tables.
+    few hundred events rarely holds every type), instead of scanning its tables. A
+    type absent from the whole staged window is known absent without a query.
     """
+    staged = _STAGED.get(id(con))
+    if staged is not None:
+        lo, hi, present = staged
+        if lo <= after and through <= hi:
+            types = [t for t in types if t in present]
+            if not types:
+                return False
     probes = " UNION ALL ".join(
         f"SELECT 1 FROM {staged_table(t)} WHERE position > {int(after)} "
         f"AND position <= {int(through)}"
@@ -155,6 +168,24 @@ def default_projections() -> list[Projection]:
     from projections.revenue import RevenueProjection
 
     return [EnergyProjection(), RevenueProjection(), DegradationProjection()]
+
+
+_VIEWS: dict[str, LogView] = {}
+_VIEWS_LOCK = threading.Lock()
+
+
+def shared_view(log_root: str) -> LogView:
+    """The process's :class:`LogView` of a log folder, shared by every store that reads it.
+
+    A caller that opens a new :class:`ProjectionStore` per round still reads only the
+    write-ahead frames appended since the previous round.
+    """
+    key = os.path.abspath(log_root)
+    with _VIEWS_LOCK:
+        view = _VIEWS.get(key)
+        if view is None:
+            view = _VIEWS[key] = LogView(key)
+        return view
 
 
 @dataclass(frozen=True)
@@ -204,7 +235,6 @@ class ProjectionStore:
             self.con.execute(f"SET threads = {int(threads)}")
         # sealed segments never change: their footers can be cached across polls
         self.con.execute("SET parquet_metadata_cache = true")
-        self._views: dict[str, LogView] = {}
         self._staged_empty: set[str] = set()  # staging tables known to be empty
         self._gap_seen: dict[int, float] = {}
         self._lock = threading.Lock()
@@ -221,6 +251,7 @@ class ProjectionStore:
     # ------------------------------------------------------------------ lifecycle
 
     def close(self) -> None:
+        _STAGED.pop(id(self.con), None)
         self.con.close()
 
     def __enter__(self) -> ProjectionStore:
@@ -252,17 +283,16 @@ class ProjectionStore:
         once (only what was appended since the last call) for all of them.
         """
         with self._lock:
-            low = min(self.positions().values(), default=0)
+            at = self.positions()
+            low = min(at.values(), default=0)
             self._view(log_root).attach(self.con, after=low)
             target = self._settled_end(low, through)
-            self._apply_all(target)
-            return self.positions()
+            return self._apply_all(target, at)
 
     def apply_attached(self, through: int) -> dict[str, int]:
         """Like :meth:`apply` over a view ``events`` the caller attached (replay uses it)."""
         with self._lock:
-            self._apply_all(through)
-            return self.positions()
+            return self._apply_all(through, self.positions())
 
     def apply_projection(self, name: str, log_root: str, through: int) -> int:
         """Apply one projection up to ``through``; refuses a position it already has."""
@@ -276,19 +306,18 @@ class ProjectionStore:
             return self._apply_one(p, through)
 
     def _view(self, log_root: str) -> LogView:
-        view = self._views.get(log_root)
-        if view is None:
-            view = self._views[log_root] = LogView(log_root)
-        return view
+        return shared_view(log_root)
 
-    def _apply_all(self, through: int) -> None:
-        at = self.positions()
+    def _apply_all(self, through: int, at: dict[str, int]) -> dict[str, int]:
+        """Apply every projection behind ``through``; ``at`` are the positions before."""
         behind = [p for p in self.projections if at.get(p.name, 0) < through]
         if not behind:
-            return
+            return dict(at)
         self._stage(min(at.get(p.name, 0) for p in behind), through)
+        after = dict(at)
         for p in behind:
-            self._apply_one(p, through)
+            after[p.name] = self._apply_one(p, through)
+        return dict(sorted(after.items()))
 
     def _stage(self, after: int, through: int) -> None:
         """Parse the payloads of the window's events once, one typed table per event type."""
@@ -300,6 +329,7 @@ class ProjectionStore:
             f"WHERE position > {int(after)} AND position <= {int(through)} AND type IN ({names})"
         )
         present = {str(t) for (t,) in con.execute("SELECT DISTINCT type FROM _ev_raw").fetchall()}
+        _STAGED[id(con)] = (after, through, frozenset(present))
         for typ, fields in self.reads.items():
             table = staged_table(typ)
             if typ not in present and table in self._staged_empty:
@@ -391,7 +421,8 @@ class ProjectionStore:
     ) -> None:
         """Keep applying new events until ``stop`` is set (or after ``max_rounds`` polls).
 
-        Polls the log folder every ``poll_s``; each round is one :meth:`apply`.
+        Polls the log folder every ``poll_s`` (at once after a round that applied
+        events); each round is one :meth:`apply`.
         ``on_applied`` is called with the positions after every round that moved them.
         """
         rounds = 0
@@ -402,11 +433,13 @@ class ProjectionStore:
                 now = self.apply(log_root)
             except FileNotFoundError:
                 now = last  # the log folder is not created yet
-            if now != last:
+            moved = now != last
+            if moved:
                 last = now
                 if on_applied is not None:
                     on_applied(now)
-            stop.wait(poll_s)
+            # a round that applied events took a while: what came meanwhile is read at once
+            stop.wait(0 if moved else poll_s)
 
     # ------------------------------------------------------------------ rebuild
 

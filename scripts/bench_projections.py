@@ -33,6 +33,7 @@ import zlib
 from collections import defaultdict
 from datetime import UTC, datetime, timedelta
 from decimal import ROUND_HALF_UP, Decimal
+from typing import Any
 
 import numpy as np
 import pyarrow as pa
@@ -407,33 +408,84 @@ def python_fold(root: str, settlement_kind: str = "day_ahead") -> tuple[int, flo
     return n, time.perf_counter() - t0, total
 
 
-def lag_test(root: str, db: str, vehicles: int, seconds: float, rate: int) -> list[float]:
+def _follow(root: str, db: str, conn: Any, stop: Any) -> None:
+    """The runner of the lag test, in its own process as in a deployment (the log's
+    writer lives elsewhere): sends (revenue position, commit time) after each round."""
     from projections.store import ProjectionStore
+
+    with ProjectionStore(db) as store:
+        store.apply(root)
+        conn.send((-1, time.perf_counter()))
+
+        def applied(positions: dict[str, int]) -> None:
+            conn.send((positions["revenue"], time.perf_counter()))
+
+        store.follow(root, stop, poll_s=0.02, on_applied=applied)
+    conn.close()
+
+
+def lag_test(
+    root: str, db: str, vehicles: int, seconds: float, rate: int, runner_mode: str = "process"
+) -> list[float]:
+    """Append at ``rate`` events/s for ``seconds`` while a runner follows the folder.
+
+    ``runner_mode`` "process" (default) runs the runner in its own process, as the
+    projection service would run beside the log's writer; "thread" runs it in this
+    process, where it shares the interpreter lock with the appender and the log's
+    writer thread. CLOCK_MONOTONIC (``time.perf_counter``) is the same in both.
+    """
+    import multiprocessing
 
     acks: list[tuple[int, float]] = []
     lags: list[float] = []
-    stop = threading.Event()
     lock = threading.Lock()
 
-    def on_applied(positions: dict[str, int]) -> None:
-        now = time.perf_counter()
-        top = positions["revenue"]
+    def applied_at(top: int, now: float) -> None:
         with lock:
             while acks and acks[0][0] <= top:
                 lags.append(now - acks.pop(0)[1])
 
-    store = ProjectionStore(db)
-    runner = threading.Thread(
-        target=store.follow, args=(root, stop), kwargs={"poll_s": 0.02, "on_applied": on_applied}
-    )
+    if runner_mode == "thread":
+        from projections.store import ProjectionStore
+
+        stop: Any = threading.Event()
+        store = ProjectionStore(db)
+        store.apply(root)
+        runner: Any = threading.Thread(
+            target=store.follow,
+            args=(root, stop),
+            kwargs={
+                "poll_s": 0.02,
+                "on_applied": lambda p: applied_at(p["revenue"], time.perf_counter()),
+            },
+        )
+        runner.start()
+        receiver = None
+    else:
+        ctx = multiprocessing.get_context("spawn")
+        stop = ctx.Event()
+        recv_end, send_end = ctx.Pipe(duplex=False)
+        runner = ctx.Process(target=_follow, args=(root, db, send_end, stop))
+        runner.start()
+        send_end.close()
+        recv_end.recv()  # caught up with the log as it is
+
+        def receive() -> None:
+            while True:
+                try:
+                    top, now = recv_end.recv()
+                except EOFError:
+                    return
+                applied_at(top, now)
+
+        receiver = threading.Thread(target=receive)
+        receiver.start()
     log = EventLog(root)
     gen = Generator(vehicles)
     # continue the streams where the log left them
     for i in range(vehicles):
         gen.versions[i] = log.version(gen.streams[i])
         gen.charger_versions[i] = log.version(gen.chargers[i])
-    store.apply(root)
-    runner.start()
     rng = np.random.default_rng(11)
     per_batch = 100
     period = per_batch / rate
@@ -477,7 +529,10 @@ def lag_test(root: str, db: str, vehicles: int, seconds: float, rate: int) -> li
         time.sleep(0.05)
     stop.set()
     runner.join()
-    store.close()
+    if receiver is not None:
+        receiver.join()
+    else:
+        store.close()
     log.close()
     if acks:
         say(f"  {len(acks)} appends never became visible within 30 s")
@@ -489,6 +544,7 @@ def main() -> None:
     ap.add_argument("--quick", action="store_true", help="1M events instead of 10M")
     ap.add_argument("--events", type=int, default=None)
     ap.add_argument("--lag-seconds", type=float, default=20.0)
+    ap.add_argument("--lag-runner", choices=("process", "thread"), default="process")
     ap.add_argument("--rebuilds", type=int, default=3, help="rebuilds to time (median)")
     ap.add_argument("--log", default=None, help="reuse this log folder (left as it was)")
     ap.add_argument("--keep", default=None, help="keep the log and databases in this folder")
@@ -560,7 +616,8 @@ def main() -> None:
         say(f"incremental lag: 10,000 events/s for {args.lag_seconds:.0f} s while following")
         live = os.path.join(work, "live.duckdb")
         shutil.copy(db, live)
-        lags = lag_test(root, live, vehicles, args.lag_seconds, 10_000)
+        lags = lag_test(root, live, vehicles, args.lag_seconds, 10_000, args.lag_runner)
+        result["lag_runner"] = args.lag_runner
         if lags:
             ms = np.asarray(lags) * 1000
             result.update(
