@@ -62,7 +62,7 @@ def follow_projections(
             with ProjectionStore(db_path) as store:
                 store.apply(log_root)
             on_round()
-        except duckdb.IOException:
+        except (duckdb.IOException, duckdb.ConnectionException):
             pass  # a reader holds the file this instant; next round
         stop.wait(poll_s)
 
