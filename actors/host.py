@@ -111,7 +111,8 @@ class EntityHost:
         The common path costs one log call: a repeated command that produces events
         is caught by the log's own idempotency check at append time. Only commands
         that would be answered without an append (`unchanged`, or refused by the
-        decider) are looked up first, because a repeat must get its first answer.
+        decider) are then looked up in the log, because a repeat must get its first
+        answer, not a new one.
         """
         started = time.perf_counter()
         results, retry, judged = self._decide_and_append(commands)
