@@ -405,7 +405,15 @@ def cmd_backtest(args: argparse.Namespace) -> int:
 def cmd_demo(args: argparse.Namespace) -> int:
     from cluster.demo import run_demo
 
-    return run_demo(_data_dir(args), vehicles=args.vehicles, fresh=not args.keep)
+    return run_demo(
+        _data_dir(args),
+        vehicles=args.vehicles,
+        fresh=not args.keep,
+        chargers=args.chargers,
+        inverters=args.inverters,
+        days=args.days,
+        output=args.output,
+    )
 
 
 # ------------------------------------------------------------------------ main
@@ -429,8 +437,12 @@ def build_parser() -> argparse.ArgumentParser:
     status.add_argument("--json", action="store_true", help="machine-readable output")
     status.set_defaults(func=cmd_status)
 
-    demo = sub.add_parser("demo", help="run the embedded demo end to end")
-    demo.add_argument("--vehicles", type=int, default=6, help="how many vans (default 6)")
+    demo = sub.add_parser("demo", help="the depot week end to end on the embedded default")
+    demo.add_argument("--vehicles", type=int, default=50, help="how many vans (default 50)")
+    demo.add_argument("--chargers", type=int, default=25, help="OCPP 2.1 stations (default 25)")
+    demo.add_argument("--inverters", type=int, default=2, help="Modbus inverters (default 2)")
+    demo.add_argument("--days", type=int, default=7, help="simulated days (default 7)")
+    demo.add_argument("--output", help="charts, CSVs, summary (default <data-dir>/demo-output)")
     demo.add_argument("--keep", action="store_true", help="keep an existing log (default: fresh)")
     demo.set_defaults(func=cmd_demo)
 

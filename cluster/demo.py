@@ -1,19 +1,33 @@
-"""`v2g demo`: the system end to end on the embedded default.
+"""`v2g demo`: a V2G depot for one simulated week, end to end on the embedded default.
 
-A local Ray, the log in a local folder, a few real V2G car models at a depot: they
-register, plug in, report telemetry and trip plans, a dispatcher takes the control
-lease and asks for power, and the vehicle decider accepts, limits or refuses each
-setpoint with its reason. Then the events, the states and the hash-chain check.
+50 vans (preset car models) on 25 dual-outlet bidirectional chargers speaking OCPP 2.1
+over loopback, two inverters over Modbus, telemetry through a loopback mosquitto, the
+real Netherlands 2024 day-ahead prices, a few frequency events and a site peak, the
+site dispatcher and the coordinator steering it (`cluster.depot` says what is
+simulated and what is real). Then, from the log alone: the projections (replayed),
+a terminal summary (revenue by stream, energy, degradation cost, violations counted
+independently by `cluster.backtest.audit`, ROI P10/P50/P90), the PNG charts and a CSV
+export in an output folder, and `v2g log verify`.
+
+`demo_commands` is the small scripted story of the vehicle decider's rules (used by
+tests as a ready-made log).
 """
 
 from __future__ import annotations
 
+import json
 import os
 import shutil
+import time
+import tomllib
+from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
+from pathlib import Path
 from typing import Any
 
+import pyarrow as pa
 from rich.console import Console
+from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 from rich.table import Table
 
 from actors.presets import presets
@@ -25,8 +39,9 @@ from actors.vehicle import (
     ReportTelemetry,
     RequestSetpoint,
 )
-from cluster.client import FleetClient
-from events.verify import verify_log
+from cluster.backtest import BacktestReport, audit
+from cluster.depot import DepotRun, DepotSpec, run_depot
+from events.log import EventLog
 
 T0 = datetime(2024, 1, 15, 17, 0, tzinfo=UTC)  # a winter evening at the depot
 DISPATCHER = "dispatcher-depot-a"
@@ -120,63 +135,284 @@ def demo_commands(vehicles: int) -> list[list[Any]]:
     return [register, plug, telemetry + trips, lease, discharge, intruder]
 
 
-def run_demo(data_dir: str, vehicles: int = 6, fresh: bool = True) -> int:
-    console = Console()
+# ------------------------------------------------------------------ the depot week
+
+ROI_EXAMPLE = Path(__file__).resolve().parent.parent / "projections" / "roi_example.toml"
+_EXAMPLE_VANS = 20  # the example ROI config is a 20-van depot
+
+
+@dataclass(frozen=True)
+class DemoOutcome:
+    """What the demo found in the log and the projections (the summary's figures)."""
+
+    report: BacktestReport
+    revenue_by_stream: dict[str, float]
+    degradation_cost_eur: float
+    arbitrage_lines: int
+    traced_lines: int
+    device_facts: dict[str, int]
+    roi: dict[str, str]
+    verified: bool
+    output_dir: str
+
+    @property
+    def ok(self) -> bool:
+        projected = self.revenue_by_stream.get("arbitrage", 0.0)
+        return (
+            self.verified
+            and self.report.violations == 0
+            and self.traced_lines == self.arbitrage_lines
+            and abs(projected - self.report.arbitrage_eur) < 0.01
+        )
+
+
+def _roi_config(out: Path, spec: DepotSpec) -> Path:
+    """The example ROI config scaled to this depot (counts, and per-van figures linearly)."""
+    with open(ROI_EXAMPLE, "rb") as f:
+        config: dict[str, dict[str, Any]] = tomllib.load(f)
+    scale = spec.vehicles / _EXAMPLE_VANS
+    config["capex"]["charger_count"] = spec.chargers
+    config["capex"]["inverter_count"] = spec.inverters
+    config["battery"]["vehicle_count"] = spec.vehicles
+    for stream in ("arbitrage_eur", "regulation_eur", "peak_shaving_eur"):
+        config["revenue"][stream] = round(config["revenue"][stream] * scale, 2)
+    lines = [
+        f"# {ROI_EXAMPLE.name} scaled from {_EXAMPLE_VANS} to {spec.vehicles} vans, "
+        f"{spec.chargers} chargers, {spec.inverters} inverters (per-van revenue linearly)."
+    ]
+    for section, values in config.items():
+        lines.append(f"\n[{section}]")
+        lines += [f"{key} = {json.dumps(value)}" for key, value in values.items()]
+    path = out / "roi_depot.toml"
+    path.write_text("\n".join(lines) + "\n")
+    return path
+
+
+def _device_facts(table: pa.Table) -> dict[str, int]:
+    types = table.column("type").to_pylist()
+    payloads = table.column("payload").to_pylist()
+    facts = {
+        "SetChargingProfile accepted by stations": 0,
+        "  of them discharging (setpoint < 0)": 0,
+        "station transactions started": 0,
+        "station meter values": 0,
+        "inverter setpoints confirmed (Modbus read-back)": 0,
+        "inverter measurements (Modbus polls)": 0,
+        "telemetry over MQTT": 0,
+        "telemetry from the simulator": 0,
+        "setpoint decisions (dispatcher)": 0,
+        "frequency responses": 0,
+        "peak-shaving intervals": 0,
+    }
+    for kind, payload in zip(types, payloads, strict=True):
+        if kind == "ChargerSetpointSent":
+            facts["SetChargingProfile accepted by stations"] += 1
+            if json.loads(payload)["power_kw"] < 0:
+                facts["  of them discharging (setpoint < 0)"] += 1
+        elif kind == "ChargingTransactionStarted":
+            facts["station transactions started"] += 1
+        elif kind == "ChargerMeterValuesRecorded":
+            facts["station meter values"] += 1
+        elif kind == "InverterSetpointConfirmed":
+            facts["inverter setpoints confirmed (Modbus read-back)"] += 1
+        elif kind == "InverterMeasured":
+            facts["inverter measurements (Modbus polls)"] += 1
+        elif kind == "VehicleTelemetryReported":
+            source = json.loads(payload).get("source")
+            key = "telemetry over MQTT" if source == "mqtt" else "telemetry from the simulator"
+            facts[key] += 1
+        elif kind == "SetpointsIssued":
+            facts["setpoint decisions (dispatcher)"] += 1
+        elif kind == "FrequencyResponseIssued":
+            facts["frequency responses"] += 1
+        elif kind == "PeakShavingDelivered":
+            facts["peak-shaving intervals"] += 1
+    return facts
+
+
+def _traced(db_path: str, table: pa.Table) -> tuple[int, int]:
+    """Arbitrage lines, and those whose price is a price event of the line's interval."""
+    import duckdb
+
+    prices = {}
+    for position, kind, payload in zip(
+        table.column("position").to_pylist(),
+        table.column("type").to_pylist(),
+        table.column("payload").to_pylist(),
+        strict=True,
+    ):
+        if kind in ("PricePublished", "PriceRevised"):
+            p = json.loads(payload)
+            start = datetime.fromisoformat(p["interval_start"].replace("Z", "+00:00"))
+            price = p.get("price_eur_per_mwh", p.get("new_price_eur_per_mwh"))
+            prices[position] = (start.astimezone(UTC), float(price), int(p["interval_minutes"]))
+    with duckdb.connect(db_path, read_only=True) as con:
+        rows = con.execute(
+            "SELECT interval_start, CAST(price AS DOUBLE), price_position FROM revenue_lines "
+            "WHERE stream = 'arbitrage'"
+        ).fetchall()
+    traced = 0
+    for interval_start, price, position in rows:
+        at = interval_start.replace(tzinfo=UTC) if interval_start.tzinfo is None else interval_start
+        event = prices.get(position)
+        if event is not None and abs(event[1] - price) < 1e-6:
+            begin, _, minutes = event
+            if begin <= at.astimezone(UTC) < begin + timedelta(minutes=minutes):
+                traced += 1
+    return len(rows), traced
+
+
+def run_demo(
+    data_dir: str,
+    vehicles: int = 50,
+    fresh: bool = True,
+    *,
+    chargers: int = 25,
+    inverters: int = 2,
+    days: int = 7,
+    output: str | None = None,
+    console: Console | None = None,
+) -> int:
+    """The depot week end to end; 0 when the log verifies, nothing is violated and every
+    arbitrage euro traces to a price event (1 otherwise)."""
+    from cluster.cli import main as v2g
+    from projections.export import export
+    from projections.replay import replay
+    from projections.report import roi_report
+
+    console = console or Console()
+    t0 = time.monotonic()
     if fresh and os.path.exists(data_dir):
         shutil.rmtree(data_dir)
-    console.print(f"[bold]v2gfleet demo[/] — local Ray, log in {data_dir}/log")
-    with FleetClient.embedded(data_dir, shards={"vehicle": 2}, num_cpus=2) as fleet:
-        results = []
-        for batch in demo_commands(vehicles):
-            results.extend(fleet.send_many(batch))
-        outcome = Table(title="Commands and what the fleet decided")
-        for col in ("command", "status", "events / reason"):
-            outcome.add_column(col)
-        for r in results:
-            detail = r.reason or ", ".join(r.event_types)
-            outcome.add_row(r.command_id, r.status, detail)
-        console.print(outcome)
+    out = Path(output or os.path.join(data_dir, "demo-output"))
+    spec = DepotSpec(vehicles=vehicles, chargers=chargers, inverters=inverters, days=days)
+    console.print(
+        f"[bold]v2gfleet depot demo[/] — {spec.vehicles} vans, {spec.chargers} OCPP 2.1 "
+        f"chargers ({spec.evses_per_charger} EVSEs each), {spec.inverters} Modbus inverters, "
+        f"MQTT telemetry; {spec.days} simulated day(s) of NL day-ahead prices from "
+        f"{spec.start:%a %d %b %Y}; log in {data_dir}/log"
+    )
+    with Progress(
+        TextColumn("[progress.description]{task.description}"),
+        BarColumn(),
+        MofNCompleteColumn(),
+        TimeElapsedColumn(),
+        console=console,
+        transient=False,
+    ) as progress:
+        task = progress.add_task("starting Ray, gateways, stations, broker", total=days * 96)
 
-        setpoints = Table(title="Setpoints after the 18:00 discharge request")
-        for col in ("vehicle", "model", "SoC", "temp °C", "SoH", "setpoint kW"):
-            setpoints.add_column(col)
-        reasons: list[str] = []
-        for i in range(vehicles):
-            van = f"van-{i + 1:02d}"
-            events = fleet.events(f"vehicle-{van}")
-            last = next(
-                (
-                    e
-                    for e in reversed(events)
-                    if "Setpoint" in e.type and "intruder" not in e.command_id
-                ),
-                None,
-            )
-            state = fleet.state("vehicle", van)
-            payload = last.event().model_dump() if last else {}
-            why = payload.get("reason") or ", ".join(payload.get("limited_by", [])) or "as asked"
-            reasons.append(f"{van}: {why}")
-            setpoints.add_row(
-                van,
-                state.spec.model if state.spec and state.spec.model else "",
-                f"{state.reading.soc:.2f}" if state.reading else "",
-                f"{state.reading.battery_temp_c:.0f}" if state.reading else "",
-                f"{state.reading.soh:.2f}" if state.reading else "",
-                f"{payload.get('power_kw', 0.0):+.1f}",
-            )
-        console.print(setpoints)
-        for line in reasons:
-            console.print(f"  {line}", highlight=False)
-        watermark = fleet.watermark()
-    report = verify_log(os.path.join(data_dir, "log"))
-    console.print(
-        f"log: {watermark} events, hash chain "
-        + ("[green]verified[/]" if report.ok else f"[red]BROKEN: {report.problem}[/]")
+        def step(run: DepotRun, now: datetime) -> None:
+            progress.update(task, completed=run.steps, description=f"simulated {now:%a %H:%M}")
+
+        run = run_depot(spec, data_dir, step)
+        progress.update(task, description="simulated week done")
+    for line in run.grid_events:
+        console.print(f"  grid: {line}", highlight=False)
+
+    log_root = os.path.join(data_dir, "log")
+    with EventLog(log_root) as log:
+        table = log.read_all()
+    report = audit(table, spec.start, spec.days, spec.vehicles, 1)
+    db_path = os.path.join(data_dir, "projections.duckdb")
+    replay(log_root, db_path)
+    out.mkdir(parents=True, exist_ok=True)
+    roi = roi_report(_roi_config(out, spec), db_path, out / "charts", console=console)
+    exported = export(db_path, "csv", str(out / "export"))
+    import duckdb
+
+    with duckdb.connect(db_path, read_only=True) as con:
+        streams = dict(
+            con.execute(
+                "SELECT stream, CAST(sum(revenue_eur) AS DOUBLE) FROM revenue_lines GROUP BY ALL"
+            ).fetchall()
+        )
+        [(wear,)] = con.execute(
+            "SELECT CAST(coalesce(sum(degradation_cost_eur), 0) AS DOUBLE) FROM degradation"
+        ).fetchall()
+    lines, traced = _traced(db_path, table)
+    console.print("[bold]v2g log verify[/]")
+    verified = v2g(["--data-dir", data_dir, "log", "verify"]) == 0
+    outcome = DemoOutcome(
+        report=report,
+        revenue_by_stream={s: float(streams.get(s) or 0.0) for s in sorted(streams)},
+        degradation_cost_eur=float(wear),
+        arbitrage_lines=lines,
+        traced_lines=traced,
+        device_facts=_device_facts(table),
+        roi={k: v for k, v in roi.summary.items() if k.startswith(("Monte", "NPV", "P(NPV"))},
+        verified=verified,
+        output_dir=str(out),
     )
-    refused = sum("VehicleSetpointRejected" in r.event_types for r in results)
-    invalid = sum(r.status == "rejected" for r in results)
-    console.print(
-        f"{len(results)} commands: {refused} setpoints refused by the vehicles' own rules"
-        f" (one from a scheduler without the lease), {invalid} invalid"
+    wall = time.monotonic() - t0
+    _print_summary(console, spec, run, outcome, wall, exported, roi.charts)
+    (out / "summary.json").write_text(
+        json.dumps(
+            {
+                **report.as_dict(),
+                "revenue_by_stream_eur": outcome.revenue_by_stream,
+                "degradation_cost_model_eur": outcome.degradation_cost_eur,
+                "arbitrage_lines": lines,
+                "arbitrage_lines_traced_to_price_events": traced,
+                "device_facts": outcome.device_facts,
+                "roi": outcome.roi,
+                "log_verified": verified,
+                "wall_s": round(wall, 1),
+            },
+            indent=2,
+        )
     )
-    return 0 if report.ok else 1
+    return 0 if outcome.ok else 1
+
+
+def _print_summary(
+    console: Console,
+    spec: DepotSpec,
+    run: DepotRun,
+    o: DemoOutcome,
+    wall: float,
+    exported: dict[str, str],
+    charts: dict[str, Path],
+) -> None:
+    r = o.report
+    money = Table(title=f"The depot week, from the log ({r.events:,} events)")
+    money.add_column("figure")
+    money.add_column("value", justify="right")
+    for stream, eur in o.revenue_by_stream.items():
+        money.add_row(f"revenue: {stream}", f"{eur:,.2f} EUR")
+    total = sum(o.revenue_by_stream.values())
+    money.add_row("revenue: total (arbitrage includes the vans' charging)", f"{total:,.2f} EUR")
+    money.add_row("energy charged", f"{r.energy_charged_kwh:,.1f} kWh")
+    money.add_row("energy discharged (V2G)", f"{r.energy_discharged_kwh:,.1f} kWh")
+    money.add_row("degradation cost (battery ageing model)", f"{o.degradation_cost_eur:,.2f} EUR")
+    money.add_row("degradation cost (0.02 EUR/kWh)", f"{r.degradation_cost_eur:,.2f} EUR")
+    money.add_row("sessions / departures", f"{r.sessions} / {r.departures}")
+    money.add_row(
+        "violations (SoC floor / trip energy / transformer)",
+        f"{r.violations} ({r.soc_floor_violations} / {r.trip_energy_violations} / "
+        f"{r.transformer_violations})",
+    )
+    money.add_row(
+        "arbitrage lines traced to their price event", f"{o.traced_lines} / {o.arbitrage_lines}"
+    )
+    for key, value in o.roi.items():
+        money.add_row(f"ROI {key}", value)
+    console.print(money)
+    devices = Table(title="What the devices and the dispatcher said (events in the log)")
+    devices.add_column("fact")
+    devices.add_column("count", justify="right")
+    for key, value in o.device_facts.items():
+        devices.add_row(key, f"{value:,}")
+    devices.add_row(
+        "relay: sent to stations / to inverters",
+        (f"{run.relay.get('sent_to_chargers', 0):,} / {run.relay.get('sent_to_inverters', 0):,}"),
+    )
+    console.print(devices)
+    console.print(f"output in {o.output_dir}:", highlight=False)
+    for name, path in sorted({**exported, **{k: str(v) for k, v in charts.items()}}.items()):
+        console.print(f"  {name}: {path}", highlight=False)
+    console.print(
+        f"wall time {wall:.0f} s (start-up {run.wall_s.get('start_up', 0):.0f} s, "
+        f"simulated week {run.wall_s.get('week', 0):.0f} s); "
+        + ("[green]demo OK[/]" if o.ok else "[red]demo FAILED[/]")
+    )

@@ -9,7 +9,6 @@ import pyarrow.parquet as pq
 import pytest
 
 from cluster.cli import main, parse_command
-from cluster.demo import run_demo
 from events.log import EventLog
 from tests.events.conftest import T0, Pinged
 
@@ -60,27 +59,6 @@ def test_log_verify_exit_codes_say_verified_or_tampered(tmp_path, capsys):
     assert main(["--data-dir", str(data), "audit", "verify"]) == 1
     assert "TAMPERED: partition 0, position 3" in capsys.readouterr().out
     assert main(["--data-dir", str(tmp_path / "nowhere"), "log", "verify"]) == 2
-
-
-@pytest.mark.ray
-def test_the_demo_tells_its_story_and_verifies(ray_session, tmp_path, capsys):
-    assert run_demo(str(tmp_path / "demo"), vehicles=6) == 0
-    out = capsys.readouterr().out
-    assert "hash chain verified" in out
-    assert "van-04: battery_temp_c 68.0 is at or above refuse_discharge_above_c 65.0" in out
-    assert "van-06: soh 0.620 is below min_soh_for_discharge 0.700" in out
-    assert "37 commands: 4 setpoints refused" in out
-    with EventLog(str(tmp_path / "demo" / "log")) as log:
-        accepted = [
-            json.loads(p)
-            for p, t in zip(
-                log.read_all().column("payload").to_pylist(),
-                log.read_all().column("type").to_pylist(),
-                strict=True,
-            )
-            if t == "VehicleSetpointAccepted"
-        ]
-    assert {a["vehicle_id"]: a["power_kw"] for a in accepted}["van-01"] == -11.0
 
 
 def _small_fleet_log(data) -> None:
