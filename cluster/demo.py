@@ -384,8 +384,13 @@ def _print_summary(
     money.add_row("revenue: total (arbitrage includes the vans' charging)", f"{total:,.2f} EUR")
     money.add_row("energy charged", f"{r.energy_charged_kwh:,.1f} kWh")
     money.add_row("energy discharged (V2G)", f"{r.energy_discharged_kwh:,.1f} kWh")
-    money.add_row("degradation cost (battery ageing model)", f"{o.degradation_cost_eur:,.2f} EUR")
-    money.add_row("degradation cost (0.02 EUR/kWh)", f"{r.degradation_cost_eur:,.2f} EUR")
+    money.add_row(
+        "degradation cost (throughput x 0.02 EUR/kWh)", f"{r.degradation_cost_eur:,.2f} EUR"
+    )
+    money.add_row(
+        "battery ageing model: calendar + cycle since registration",
+        f"{o.degradation_cost_eur:,.2f} EUR",
+    )
     money.add_row("sessions / departures", f"{r.sessions} / {r.departures}")
     money.add_row(
         "violations (SoC floor / trip energy / transformer)",
