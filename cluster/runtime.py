@@ -52,6 +52,17 @@ class LogService:
     def __init__(self, root: str, partitions: int = 4, seal_events: int = 100_000) -> None:
         self.root = root
         self.log = EventLog(root, partitions=partitions, seal_events=seal_events)
+        self._loop: asyncio.AbstractEventLoop | None = None
+        self._changed: asyncio.Event | None = None
+
+    def _committed(self, _watermark: int) -> None:  # the log's writer thread
+        if self._loop is not None:
+            self._loop.call_soon_threadsafe(self._wake)
+
+    def _wake(self) -> None:  # the event loop: release every waiter, arm a fresh event
+        if self._changed is not None:
+            self._changed.set()
+        self._changed = asyncio.Event()
 
     async def append_batch(self, batch: pa.RecordBatch) -> BatchOutcome:
         return await asyncio.wrap_future(self.log.submit_batch(batch))
@@ -80,7 +91,29 @@ class LogService:
         return await asyncio.to_thread(read)
 
     async def wait_for(self, after_position: int, timeout_s: float) -> int:
-        return await asyncio.to_thread(self.log.wait_for, after_position, timeout_s)
+        """Until the watermark passes `after_position` (or time is up), without a thread.
+
+        Followers (dispatchers, the relay, projections) park here; a thread each
+        would starve the reads that share the actor's executor.
+        """
+        loop = asyncio.get_running_loop()
+        if self._loop is None:
+            self._loop, self._changed = loop, asyncio.Event()
+            self.log.on_commit.append(self._committed)
+        deadline = loop.time() + timeout_s
+        while True:
+            changed = self._changed  # taken before the check: a commit after it sets it
+            assert changed is not None
+            if self.log.watermark > after_position:
+                break
+            remaining = deadline - loop.time()
+            if remaining <= 0:
+                break
+            try:
+                await asyncio.wait_for(changed.wait(), remaining)
+            except TimeoutError:
+                break
+        return self.log.watermark
 
     async def watermark(self) -> int:
         return self.log.watermark

@@ -23,11 +23,12 @@ never skips an event that appears later.
 
 from __future__ import annotations
 
+import bisect
 import json
 import os
 import queue
 import threading
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
 from datetime import datetime
@@ -190,6 +191,7 @@ class _Wal:
     path: str
     first_position: int
     batches: list[pa.RecordBatch] = field(default_factory=list)
+    ends: list[int] = field(default_factory=list)  # last position of each batch, ascending
     rows: int = 0
     last_position: int = 0
 
@@ -257,6 +259,8 @@ class EventLog:
         self._sealer = ThreadPoolExecutor(max_workers=1, thread_name_prefix="seal")
         self._failed: BaseException | None = None
         self._closed = False
+        # called from the writer thread after each commit round with the new watermark
+        self.on_commit: list[Callable[[int], None]] = []
         self._writer = threading.Thread(target=self._commit_loop, name="log-writer", daemon=True)
         self._writer.start()
 
@@ -386,6 +390,8 @@ class EventLog:
             else:
                 for (_, fut), result in zip(items, outcomes, strict=True):
                     fut.set_result(result)
+                for notify in self.on_commit:
+                    notify(self._watermark)
             if stop:
                 return
 
@@ -522,6 +528,7 @@ class EventLog:
         for part, batch in frames:
             wal = part.active
             wal.batches.append(batch)
+            wal.ends.append(batch.column("position")[-1].as_py())
             wal.rows += batch.num_rows
             wal.last_position = batch.column("position")[-1].as_py()
             part.last_hash = batch.column("hash")[-1].as_py()
@@ -712,7 +719,13 @@ class EventLog:
                 if b.num_rows:
                     kept.append(b)
             first = int(name[4:-4])
-            wal = _Wal(path, first, kept, sum(b.num_rows for b in kept))
+            wal = _Wal(
+                path,
+                first,
+                kept,
+                [b.column("position")[-1].as_py() for b in kept],
+                sum(b.num_rows for b in kept),
+            )
             if kept:
                 wal.last_position = int(kept[-1].column("position")[-1].as_py())
                 part.last_hash = kept[-1].column("hash")[-1].as_py()
@@ -767,8 +780,14 @@ class EventLog:
             partition = stream_hash(stream_id) % self.partition_count
         with self._state:
             upper = self._watermark if to_position is None else min(to_position, self._watermark)
+            # Only the write-ahead batches that reach from_position: a follower reading
+            # the newest events must not pay for the whole unsealed tail.
             plan = [
-                (part, list(part.segments), [(w, list(w.batches)) for w in part.wals])
+                (
+                    part,
+                    list(part.segments),
+                    [w.batches[bisect.bisect_left(w.ends, from_position) :] for w in part.wals],
+                )
                 for part in self._parts
             ]
         tables: list[pa.Table] = []
@@ -785,7 +804,7 @@ class EventLog:
                         filters=[("position", ">=", from_position), ("position", "<=", upper)],
                     )
                     tables.append(t.cast(RECORD_SCHEMA))
-                for _wal, batches in wals:
+                for batches in wals:
                     if batches:
                         tables.append(pa.Table.from_batches(batches, RECORD_SCHEMA))
         if not tables:
