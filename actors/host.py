@@ -36,7 +36,7 @@ from actors.tracing import (
     tracer,
 )
 from events.base import Command, Event, load_event
-from events.log import Appended, AppendOutcome, ConcurrencyError
+from events.log import Appended, AppendOutcome, BatchOutcome, ConcurrencyError
 from events.schema import PendingBatchBuilder, stream_hash
 
 
@@ -224,26 +224,35 @@ class EntityHost:
         stale: set[str] = set()
         repeated: set[str] = set()
         retry: list[int] = []
-        for (i, command, events), outcome in zip(appended, outcomes, strict=True):
+        rows = (
+            outcomes.columns()
+            if isinstance(outcomes, BatchOutcome)
+            else (_as_columns(o) for o in outcomes)
+        )
+        last = self.position
+        for (i, command, events), (first, count, duplicate, conflict) in zip(
+            appended, rows, strict=True
+        ):
             sid = command.stream_id
-            if isinstance(outcome, ConcurrencyError):
+            if conflict is not None:
                 stale.add(sid)
                 if sid in repeated:
                     retry.append(i)  # its expected version counted the repeat's events
-                results[i] = self._rejected(command, str(outcome))
-            elif outcome.duplicate:  # recorded before (a retry, or a restarted host)
+                results[i] = self._rejected(command, str(ConcurrencyError(sid, *conflict)))
+            elif duplicate:  # recorded before (a retry, or a restarted host)
                 stale.add(sid)
                 repeated.add(sid)
-                results[i] = self._repeat(command, outcome)
+                results[i] = self._repeat(command, Appended(command.command_id, sid, first, count))
             else:
                 results[i] = CommandResult(
                     command_id=command.command_id,
                     stream_id=sid,
                     status="recorded",
-                    positions=outcome.positions,
-                    event_types=tuple(type(e).__name__ for e in events),
+                    positions=tuple(range(first, first + count)),
+                    event_types=tuple([type(e).__name__ for e in events]),
                 )
-                self.position = max(self.position, outcome.positions[-1])
+                last = first + count - 1
+        self.position = max(self.position, last)
         for sid, (state, version) in tentative.items():
             if sid not in stale:
                 self._states[sid] = state
@@ -399,6 +408,12 @@ class EntityHost:
                 self._versions[row["s"]] = row["v"]
         self.position = int(header["position"])
         return self.position
+
+
+def _as_columns(outcome: AppendOutcome) -> tuple[int, int, bool, tuple[int, int] | None]:
+    if isinstance(outcome, ConcurrencyError):
+        return 0, 0, False, (outcome.expected_version, outcome.actual_version)
+    return outcome.first_position, outcome.count, outcome.duplicate, None
 
 
 def _validation_reason(exc: ValidationError) -> str:

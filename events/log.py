@@ -149,6 +149,15 @@ class BatchOutcome(Sequence[AppendOutcome]):
     def __len__(self) -> int:
         return len(self._commands)
 
+    def columns(self) -> Iterator[tuple[int, int, bool, tuple[int, int] | None]]:
+        """(first position, count, duplicate, conflict versions or None) per command,
+        without building an object per command (hosts settle a thousand at a time)."""
+        conflicts = self._conflicts
+        for i, (first, count, dup) in enumerate(
+            zip(self._firsts, self._counts, self._duplicate, strict=True)
+        ):
+            yield first, count, dup, conflicts.get(i) if conflicts else None
+
     def __getitem__(self, i: int) -> AppendOutcome:  # type: ignore[override]
         conflict = self._conflicts.get(i)
         if conflict is not None:
