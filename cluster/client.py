@@ -18,9 +18,11 @@ Example::
 from __future__ import annotations
 
 import asyncio
-from collections.abc import Sequence
+from collections.abc import AsyncIterator, Sequence
 from typing import Any
 
+import pyarrow as pa
+import pyarrow.compute as pc
 import ray
 import ray.exceptions
 
@@ -149,6 +151,43 @@ class FleetClient:
 
     def watermark(self) -> int:
         return int(self._call(self._runtime.log.watermark.remote()))
+
+    async def subscribe(
+        self,
+        from_position: int = 1,
+        types: Sequence[str] | None = None,
+        stream_prefix: str | None = None,
+        poll_s: float = 1.0,
+    ) -> AsyncIterator[RecordedEvent]:
+        """Every event from `from_position` on, in log order, as it becomes durable.
+
+        Args:
+            types: only these event types (e.g. ["VehicleSetpointAccepted"]).
+            stream_prefix: only streams starting with this (e.g. "vehicle-van-1").
+            poll_s: how long one wait for new events may last before it is renewed.
+
+        Example::
+
+            async for event in fleet.subscribe(types=["ChargerPowerDivergenceDetected"]):
+                print(event.stream_id, event.event())
+        """
+        log = self._runtime.log
+        after = from_position - 1
+        while True:
+            try:
+                mark = await log.wait_for.remote(after, poll_s)
+                if mark <= after:
+                    continue
+                table = await log.read_all.remote(after + 1, mark)
+            except ray.exceptions.RayError as exc:
+                raise _translate(exc) from None
+            after = mark
+            if types is not None:
+                table = table.filter(pc.is_in(table.column("type"), pa.array(list(types))))
+            if stream_prefix is not None:
+                table = table.filter(pc.starts_with(table.column("stream_id"), stream_prefix))
+            for event in to_recorded(table):
+                yield event
 
     def snapshot(self) -> list[int]:
         """Snapshot every host shard now (restarts then fold only what follows)."""

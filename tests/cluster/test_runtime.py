@@ -79,3 +79,31 @@ def test_a_host_killed_mid_stream_restarts_and_loses_or_doubles_nothing(fleet):
         assert [e.stream_version for e in events] == list(range(1, len(events) + 1))
         assert fleet.state("counter", f"k{i}").total == 240
     assert len(recorded) == 1920 and set(recorded.values()) == {1}
+
+
+def test_a_subscriber_gets_new_events_in_order_as_they_become_durable(fleet):
+    import asyncio
+
+    start = fleet.watermark() + 1
+
+    async def first_three() -> list:
+        got = []
+        async for event in fleet.subscribe(start, types=["Added"], poll_s=0.2):
+            got.append(event)
+            if len(got) == 3:
+                return got
+        return got
+
+    async def story() -> list:
+        reader = asyncio.ensure_future(first_three())
+        await asyncio.sleep(0.3)  # the subscriber is waiting before anything happens
+        await fleet.send_many_async(
+            [OpenCounter(command_id="open-sub", issued_at=T0, counter_id="sub")]
+            + [add(f"sub-{i}", "sub", 1) for i in range(3)]
+        )
+        return await asyncio.wait_for(reader, timeout=20)
+
+    events = asyncio.run(story())
+    assert [e.command_id for e in events] == ["sub-0", "sub-1", "sub-2"]
+    assert [e.event().total for e in events] == [1, 2, 3]
+    assert events[0].position < events[1].position < events[2].position
