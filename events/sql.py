@@ -14,9 +14,7 @@ before the position the caller has already seen.
 from __future__ import annotations
 
 import os
-import struct
 import threading
-import zlib
 from dataclasses import dataclass, field
 
 import duckdb
@@ -25,12 +23,9 @@ import pyarrow.compute as pc
 
 from events.reader import list_partitions
 from events.schema import RECORD_SCHEMA
-from events.wal import MAGIC, scan
+from events.wal import decode_frames, scan
 
 __all__ = ["LogView", "attach_log", "read_frames"]
-
-# The frame layout of `events.wal`: magic | payload length (u32 LE) | CRC-32 (u32 LE) | payload.
-_FRAME = struct.Struct("<4sII")
 
 
 def attach_log(con: duckdb.DuckDBPyConnection, root: str, view: str = "events") -> None:
@@ -79,19 +74,7 @@ def read_frames(
             return [], offset, size, st.st_ino
         f.seek(offset)
         data = f.read()
-    batches: list[pa.RecordBatch] = []
-    at = 0
-    while at + _FRAME.size <= len(data):
-        magic, length, crc = _FRAME.unpack_from(data, at)
-        start = at + _FRAME.size
-        end = start + length
-        if magic != MAGIC or end > len(data):
-            break
-        payload = data[start:end]
-        if zlib.crc32(payload) != crc:
-            break
-        batches.extend(pa.ipc.open_stream(payload))
-        at = end
+    batches, at = decode_frames(data)
     return batches, offset + at, size, st.st_ino
 
 

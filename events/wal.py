@@ -45,9 +45,8 @@ class ScanResult:
         return self.good_bytes < self.file_bytes
 
 
-def scan(path: str) -> ScanResult:
-    with open(path, "rb") as f:
-        data = f.read()
+def decode_frames(data: bytes) -> tuple[list[pa.RecordBatch], int]:
+    """The record batches of the whole frames at the start of `data`, and where they end."""
     batches: list[pa.RecordBatch] = []
     offset = 0
     while offset + _HEADER.size <= len(data):
@@ -59,10 +58,16 @@ def scan(path: str) -> ScanResult:
         payload = data[start:end]
         if zlib.crc32(payload) != crc:
             break
-        reader = pa.ipc.open_stream(payload)
-        batches.extend(reader)
+        batches.extend(pa.ipc.open_stream(payload))
         offset = end
-    return ScanResult(batches, offset, len(data))
+    return batches, offset
+
+
+def scan(path: str) -> ScanResult:
+    with open(path, "rb") as f:
+        data = f.read()
+    batches, good_bytes = decode_frames(data)
+    return ScanResult(batches, good_bytes, len(data))
 
 
 def fsync_dir(path: str) -> None:
