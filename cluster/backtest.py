@@ -236,7 +236,7 @@ def _advance(
                 discharged_kwh=round(discharged, 9),
             )
         )
-        out.append(_telemetry(v, now, "tel"))
+        out.append(sim_telemetry(v, now, "tel"))
         if v.plugged.departure <= now:
             out.append(
                 Unplug(
@@ -259,7 +259,7 @@ def _advance(
                 charger_max_charge_kw=v.charge_kw,
                 charger_max_discharge_kw=v.discharge_kw,
             ),
-            _telemetry(v, now, "arrive"),
+            sim_telemetry(v, now, "arrive"),
             PlanTrip(
                 command_id=f"sim:trip:{vid}:{now:%Y%m%dT%H%M}",
                 issued_at=now,
@@ -271,7 +271,8 @@ def _advance(
     return out
 
 
-def _telemetry(v: SimVehicle, now: datetime, what: str) -> ReportTelemetry:
+def sim_telemetry(v: SimVehicle, now: datetime, what: str) -> ReportTelemetry:
+    """The simulated vehicle's reading as a command (deterministic id per step)."""
     return ReportTelemetry(
         command_id=f"sim:{what}:{v.vehicle_id}:{now:%Y%m%dT%H%M}",
         issued_at=now,

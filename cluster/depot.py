@@ -49,14 +49,13 @@ from datetime import UTC, datetime, timedelta
 from typing import Any, TypeVar
 
 import aiomqtt
-import pyarrow.compute as pc
 import ray
 
 from actors.dispatch import ConfigureDispatcher
 from actors.inverter import RequestInverterSetpoint
 from actors.market import RegisterMarket
-from actors.vehicle import PlanTrip, PlugIn, RecordEnergy, RegisterVehicle, ReportTelemetry, Unplug
-from cluster.backtest import MARKET_ID, _prices
+from actors.vehicle import PlanTrip, PlugIn, RecordEnergy, RegisterVehicle, Unplug
+from cluster.backtest import MARKET_ID, _prices, sim_telemetry
 from cluster.client import FleetClient
 from cluster.device_config import (
     BrokerConfig,
@@ -73,7 +72,6 @@ from cluster.gateways import (
     DeviceServices,
     RelayFold,
     SetpointRelay,
-    _type_set,
     relay_actor,
 )
 from cluster.mosquitto import Mosquitto
@@ -169,23 +167,13 @@ class SimulatedTimeRelay(SetpointRelay):
     async def _run(self) -> None:
         runtime = await asyncio.to_thread(Runtime(self._runtime_config).start)
         log = runtime.log
-        columns = ["position", "stream_id", "type", "event_id", "payload"]
         while not self._stopping.is_set():
             await self._go.wait()
             self._go.clear()
             try:
                 while self.fold.state.position < self._target:
                     position = self.fold.state.position
-                    upper = min(self._target, position + self._chunk)
-                    table = await log.read_all.remote(position + 1, upper, columns)
-                    table = table.filter(pc.is_in(table.column("type"), value_set=_type_set()))
-                    rows = sorted(table.to_pylist(), key=lambda r: r["position"])
-                    chargers, inverters = self.fold.apply(rows)
-                    self.fold.state.position = upper
-                    await self._perform(chargers, inverters)
-                    await asyncio.to_thread(self._persist)
-                    async with self._relayed:
-                        self._relayed.notify_all()
+                    await self._relay_through(log, min(self._target, position + self._chunk))
             except asyncio.CancelledError:
                 raise
             except Exception:
@@ -418,7 +406,7 @@ class _Depot:
             if now.minute != 0 or v.plugged.departure <= now:
                 # at full hours the telemetry comes over MQTT, except the departing van's:
                 # its reading must precede the unplug it travels with
-                out.append(self._telemetry(v, now, "tel"))
+                out.append(sim_telemetry(v, now, "tel"))
             if v.plugged.departure <= now:
                 out.append(
                     Unplug(
@@ -448,7 +436,7 @@ class _Depot:
                     charger_max_charge_kw=v.charge_kw,
                     charger_max_discharge_kw=v.discharge_kw,
                 ),
-                self._telemetry(v, now, "arrive"),
+                sim_telemetry(v, now, "arrive"),
                 PlanTrip(
                     command_id=f"sim:trip:{vid}:{now:%Y%m%dT%H%M}",
                     issued_at=now,
@@ -458,18 +446,6 @@ class _Depot:
                 ),
             ]
         return out, actions
-
-    def _telemetry(self, v: SimVehicle, now: datetime, what: str) -> ReportTelemetry:
-        return ReportTelemetry(
-            command_id=f"sim:{what}:{v.vehicle_id}:{now:%Y%m%dT%H%M}",
-            issued_at=now,
-            vehicle_id=v.vehicle_id,
-            measured_at=now,
-            soc=v.soc,
-            battery_temp_c=25.0,
-            soh=0.95,
-            source="simulator",
-        )
 
 
 def run_depot(

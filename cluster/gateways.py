@@ -827,23 +827,13 @@ class SetpointRelay:
     async def _run(self) -> None:
         runtime = await asyncio.to_thread(Runtime(self._runtime_config).start)
         log = runtime.log
-        columns = ["position", "stream_id", "type", "event_id", "payload"]
         while not self._stopping.is_set():
             try:
                 position = self.fold.state.position
                 mark = await log.wait_for.remote(position, self._poll_s)
                 if mark <= position:
                     continue
-                upper = min(mark, position + self._chunk)
-                table = await log.read_all.remote(position + 1, upper, columns)
-                table = table.filter(pc.is_in(table.column("type"), value_set=_type_set()))
-                rows = sorted(table.to_pylist(), key=lambda r: r["position"])
-                chargers, inverters = self.fold.apply(rows)
-                self.fold.state.position = upper
-                await self._perform(chargers, inverters)
-                await asyncio.to_thread(self._persist)
-                async with self._relayed:
-                    self._relayed.notify_all()
+                await self._relay_through(log, min(mark, position + self._chunk))
             except asyncio.CancelledError:
                 raise
             except Exception:
@@ -851,6 +841,22 @@ class SetpointRelay:
                 LOGGER.exception("setpoint relay: a batch failed; retrying")
                 self.fold = RelayFold(self._devices, self._load())  # back to what was relayed
                 await asyncio.sleep(1.0)
+
+    async def _relay_through(self, log: Any, upper: int) -> None:
+        """Relay the events after the relayed position up to `upper`, then persist it."""
+        table = await log.read_all.remote(
+            self.fold.state.position + 1,
+            upper,
+            ["position", "stream_id", "type", "event_id", "payload"],
+        )
+        table = table.filter(pc.is_in(table.column("type"), value_set=_type_set()))
+        rows = sorted(table.to_pylist(), key=lambda r: r["position"])
+        chargers, inverters = self.fold.apply(rows)
+        self.fold.state.position = upper
+        await self._perform(chargers, inverters)
+        await asyncio.to_thread(self._persist)
+        async with self._relayed:
+            self._relayed.notify_all()
 
     async def _perform(
         self, chargers: dict[tuple[str, int], ChargerCall], inverters: dict[str, InverterCall]
