@@ -70,7 +70,7 @@ from actors.gateways.sink import CommandSink
 from actors.inverter import RegisterInverter
 from actors.vehicle import EnforceSafeState, PlanTrip, ReportTelemetry
 from cluster.device_config import DeviceConfig, fingerprint
-from cluster.runtime import NAMESPACE, Runtime, RuntimeConfig, RuntimeSink
+from cluster.runtime import NAMESPACE, Runtime, RuntimeConfig, RuntimeSink, tune_gc
 from events.base import Command
 
 LOGGER = logging.getLogger(__name__)
@@ -188,6 +188,7 @@ class _Service:
     """Common start-up: find the runtime (in a worker thread) and build the sink."""
 
     def __init__(self, runtime_config: RuntimeConfig, devices: DeviceConfig) -> None:
+        tune_gc()
         _configure_logging()
         self._runtime_config = runtime_config
         self._devices = devices

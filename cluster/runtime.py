@@ -10,6 +10,7 @@ makes Ray's at-least-once retry exactly-once in effect.
 from __future__ import annotations
 
 import asyncio
+import gc
 import os
 from collections import defaultdict
 from collections.abc import Sequence
@@ -27,6 +28,19 @@ from events.log import Appended, BatchOutcome, EventLog
 from events.schema import stream_hash
 
 NAMESPACE = "v2gfleet"
+
+
+def tune_gc() -> None:
+    """For a long-lived actor process: fewer cyclic-GC passes over long-lived objects.
+
+    Hosts keep every entity's state alive and allocate a few small objects per
+    command; with CPython's default thresholds the collector ran so often that it
+    cost about a quarter of a host's time per command (measured: 42 -> 32 us per
+    vehicle command). Objects alive after recovery are moved out of the collector's
+    view (`gc.freeze`), and young collections run every 50,000 allocations.
+    """
+    gc.freeze()
+    gc.set_threshold(50_000, 20, 100)
 
 
 def default_deciders() -> list[Decider[Any]]:
@@ -52,6 +66,7 @@ class LogService:
     def __init__(self, root: str, partitions: int = 4, seal_events: int = 100_000) -> None:
         self.root = root
         self.log = EventLog(root, partitions=partitions, seal_events=seal_events)
+        tune_gc()
         self._loop: asyncio.AbstractEventLoop | None = None
         self._changed: asyncio.Event | None = None
 
@@ -160,6 +175,7 @@ class HostService:
     ) -> None:
         log = ray.get_actor(log_actor, namespace=NAMESPACE)
         self.host = EntityHost(decider, RayLogPort(log), shard, snapshot_dir)
+        tune_gc()
 
     def handle(self, commands: Sequence[Command]) -> list[CommandResult]:
         return self.host.handle(commands)
