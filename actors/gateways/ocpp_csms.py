@@ -74,6 +74,7 @@ from actors.charger import (
 )
 from actors.decider import CommandResult
 from actors.gateways.sink import CommandSink
+from actors.tracing import continued, traceparent_of
 from events.base import Command
 from events.charger import SetpointRejectionReason
 
@@ -292,7 +293,15 @@ class _CsmsChargePoint:
                 self.id, action, unique_id, "PropertyConstraintViolation", reason
             )
             raise PropertyConstraintViolationError(details={"cause": _clean(error, 300)}) from None
-        await self._gateway._submit(commands)
+        # Each station message starts a trace (when a tracer is configured) that the
+        # hosts continue and hand on in the events' metadata.
+        with continued(
+            "", f"ocpp.{action}", {"station_id": self.id, "unique_id": unique_id}
+        ) as span:
+            traceparent = traceparent_of(span)
+            if traceparent:
+                commands = [c.model_copy(update={"traceparent": traceparent}) for c in commands]
+            await self._gateway._submit(commands)
 
     def _ids(self, unique_id: str) -> Callable[[int | str], str]:
         base = f"{self.id}:{unique_id}"

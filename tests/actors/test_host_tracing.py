@@ -8,16 +8,9 @@ import pytest
 
 from actors.host import EntityHost
 from actors.tracing import continued, traceparent_in, traceparent_of
-from cluster.tracing import configure
 from events.log import EventLog
 from tests.actors.counter import COUNTER, Add, OpenCounter
 from tests.events.conftest import T0
-
-
-@pytest.fixture(scope="module")
-def telemetry():
-    # One tracer provider per process (OpenTelemetry refuses to replace it).
-    return configure("memory")
 
 
 def test_the_decide_span_is_a_child_of_the_sender_and_its_context_is_in_the_event(

@@ -520,3 +520,22 @@ def test_a_silent_station_goes_offline_and_is_resynchronised_when_it_returns() -
         assert offline.charger_id == "CS-1"
 
     run(scenario())
+
+
+def test_a_station_message_starts_a_trace_that_its_commands_carry(telemetry: Any) -> None:
+    async def scenario() -> RecordingSink:
+        sink = RecordingSink()
+        async with csms(sink) as gateway:
+            station = SimulatedStation("CS-1", "pw-one", url(gateway), version="2.1")
+            async with station:
+                await station.boot()
+        return sink
+
+    sink = run(scenario())
+    (boot,) = of_type(sink, RecordBoot)
+    spans = [s for s in telemetry.spans.get_finished_spans() if s.name == "ocpp.BootNotification"]
+    assert spans, "the gateway must have opened a span for the message"
+    _, trace_id, span_id, _ = boot.traceparent.split("-")
+    assert (int(trace_id, 16), int(span_id, 16)) in {
+        (s.context.trace_id, s.context.span_id) for s in spans
+    }
