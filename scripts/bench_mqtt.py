@@ -167,6 +167,41 @@ def ingest(port: int, index: int, counter: Any, ready_at: Any, stop: Any) -> Non
     asyncio.run(run())
 
 
+def say(text: str) -> None:
+    print(f"bench_mqtt: {text}", file=sys.stderr, flush=True)
+
+
+def publish_all(ctx: Any, port: int, n: int, publishers: int, vehicles: int) -> float:
+    """Publish `n` telemetry messages from `publishers` processes; the seconds it took."""
+    done = ctx.Value("q", 0)
+    bounds = [round(n * k / publishers) for k in range(publishers + 1)]
+    started = time.perf_counter()
+    pubs = [
+        ctx.Process(target=publisher, args=(port, bounds[k], bounds[k + 1], vehicles, done))
+        for k in range(publishers)
+    ]
+    for p in pubs:
+        p.start()
+    for p in pubs:
+        while p.is_alive():
+            p.join(timeout=2)
+            say(f"published {done.value}/{n}")
+    publish_s = time.perf_counter() - started
+    say(f"published {n} in {publish_s:.1f} s ({n / publish_s:.0f}/s)")
+    return publish_s
+
+
+def receive_raw(ctx: Any, port: int, n: int, timeout_s: float) -> tuple[int, float]:
+    """Plain aiomqtt receive of `n` messages in one process: (received, seconds)."""
+    results = ctx.Queue()
+    raw = ctx.Process(target=raw_receiver, args=(port, n, results))
+    raw.start()
+    received, seconds = results.get(timeout=timeout_s)
+    raw.join(timeout=10)
+    say(f"raw receive: {received} in {seconds:.2f} s ({received / seconds:.0f}/s)")
+    return received, seconds
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--messages", type=int, default=100_000)
@@ -177,9 +212,6 @@ def main() -> None:
     args = parser.parse_args()
     n = args.messages
     ctx = mp.get_context("spawn")
-
-    def say(text: str) -> None:
-        print(f"bench_mqtt: {text}", file=sys.stderr, flush=True)
 
     _, command_class = telemetry_factory()
     with Mosquitto(max_queued_messages=0, max_inflight_messages=0) as mosquitto:
@@ -196,31 +228,9 @@ def main() -> None:
 
         asyncio.run(sessions())
 
-        done = ctx.Value("q", 0)
-        bounds = [round(n * k / args.publishers) for k in range(args.publishers + 1)]
-        started = time.perf_counter()
-        pubs = [
-            ctx.Process(
-                target=publisher, args=(port, bounds[k], bounds[k + 1], args.vehicles, done)
-            )
-            for k in range(args.publishers)
-        ]
-        for p in pubs:
-            p.start()
-        for p in pubs:
-            while p.is_alive():
-                p.join(timeout=2)
-                say(f"published {done.value}/{n}")
-        publish_s = time.perf_counter() - started
-        say(f"published {n} in {publish_s:.1f} s ({n / publish_s:.0f}/s)")
-
-        results = ctx.Queue()
-        raw = ctx.Process(target=raw_receiver, args=(port, n, results))
-        raw.start()
-        raw_received, raw_s = results.get(timeout=args.timeout)
-        raw.join(timeout=10)
+        publish_s = publish_all(ctx, port, n, args.publishers, args.vehicles)
+        raw_received, raw_s = receive_raw(ctx, port, n, args.timeout)
         raw_rate = raw_received / raw_s
-        say(f"raw receive: {raw_received} in {raw_s:.2f} s ({raw_rate:.0f}/s)")
 
         counter = ctx.Value("q", 0)
         firsts = [ctx.Value("d", 0.0) for _ in range(args.ingest)]

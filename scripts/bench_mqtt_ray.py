@@ -40,21 +40,10 @@ import aiomqtt
 
 from actors.gateways.mqtt_telemetry import BrokerSettings, telemetry_filter
 from cluster.mosquitto import Mosquitto
+from scripts.bench_mqtt import publish_all, receive_raw
 
 SESSION_EXPIRY_S = 600
 SITE = "bench"
-
-
-def publisher(port: int, start: int, stop: int, vehicles: int, done: object) -> None:
-    from bench_mqtt import publisher as publish_range
-
-    publish_range(port, start, stop, vehicles, done)
-
-
-def raw_receiver(port: int, expected: int, result: object) -> None:
-    from bench_mqtt import raw_receiver as receive
-
-    receive(port, expected, result)
 
 
 async def create_session(broker: BrokerSettings, client_id: str, topic_filter: str) -> None:
@@ -137,31 +126,9 @@ def main() -> None:
         ray.get([a.pause.remote() for a in services.ingest])
         say(f"mosquitto on 127.0.0.1:{port}; {n} messages; {args.ingest} ingest actors paused")
 
-        done = ctx.Value("q", 0)
-        bounds = [round(n * k / args.publishers) for k in range(args.publishers + 1)]
-        started = time.perf_counter()
-        pubs = [
-            ctx.Process(
-                target=publisher, args=(port, bounds[k], bounds[k + 1], args.vehicles, done)
-            )
-            for k in range(args.publishers)
-        ]
-        for p in pubs:
-            p.start()
-        for p in pubs:
-            while p.is_alive():
-                p.join(timeout=2)
-                say(f"published {done.value}/{n}")
-        publish_s = time.perf_counter() - started
-        say(f"published {n} in {publish_s:.1f} s ({n / publish_s:.0f}/s)")
-
-        results = ctx.Queue()
-        raw = ctx.Process(target=raw_receiver, args=(port, n, results))
-        raw.start()
-        raw_received, raw_s = results.get(timeout=args.timeout)
-        raw.join(timeout=10)
+        publish_s = publish_all(ctx, port, n, args.publishers, args.vehicles)
+        raw_received, raw_s = receive_raw(ctx, port, n, args.timeout)
         raw_rate = raw_received / raw_s
-        say(f"raw receive: {raw_received} in {raw_s:.2f} s ({raw_rate:.0f}/s)")
 
         watermark_before = fleet.watermark()
         started = time.perf_counter()
