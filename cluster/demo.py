@@ -148,7 +148,6 @@ class DemoOutcome:
     report: BacktestReport
     revenue_by_stream: dict[str, float]
     degradation_cost_eur: float
-    cycle_wear_cost_eur: float
     arbitrage_lines: int
     traced_lines: int
     device_facts: dict[str, int]
@@ -328,13 +327,8 @@ def run_demo(
                 "SELECT stream, CAST(sum(revenue_eur) AS DOUBLE) FROM revenue_lines GROUP BY ALL"
             ).fetchall()
         )
-        # The model's cost counts calendar ageing since registration too; what this
-        # week's operation added is the cycle-fade share of it.
-        [(wear, cycle_wear)] = con.execute(
-            "SELECT CAST(coalesce(sum(degradation_cost_eur), 0) AS DOUBLE),"
-            " CAST(coalesce(sum(CASE WHEN capacity_fade > 0"
-            "   THEN degradation_cost_eur * cycle_fade / capacity_fade ELSE 0 END), 0) AS DOUBLE)"
-            " FROM degradation"
+        [(wear,)] = con.execute(
+            "SELECT CAST(coalesce(sum(degradation_cost_eur), 0) AS DOUBLE) FROM degradation"
         ).fetchall()
     lines, traced = _traced(db_path, table)
     console.print("[bold]v2g log verify[/]")
@@ -343,7 +337,6 @@ def run_demo(
         report=report,
         revenue_by_stream={s: float(streams.get(s) or 0.0) for s in sorted(streams)},
         degradation_cost_eur=float(wear),
-        cycle_wear_cost_eur=float(cycle_wear),
         arbitrage_lines=lines,
         traced_lines=traced,
         device_facts=_device_facts(table),
@@ -359,7 +352,6 @@ def run_demo(
                 **report.as_dict(),
                 "revenue_by_stream_eur": outcome.revenue_by_stream,
                 "degradation_cost_model_eur": outcome.degradation_cost_eur,
-                "cycle_wear_cost_model_eur": outcome.cycle_wear_cost_eur,
                 "arbitrage_lines": lines,
                 "arbitrage_lines_traced_to_price_events": traced,
                 "device_facts": outcome.device_facts,
@@ -394,10 +386,6 @@ def _print_summary(
     money.add_row("energy discharged (V2G)", f"{r.energy_discharged_kwh:,.1f} kWh")
     money.add_row(
         "degradation cost (throughput x 0.02 EUR/kWh)", f"{r.degradation_cost_eur:,.2f} EUR"
-    )
-    money.add_row(
-        "battery ageing model: cycle wear this operation added",
-        f"{o.cycle_wear_cost_eur:,.2f} EUR",
     )
     money.add_row(
         "battery ageing model: calendar + cycle since registration",
