@@ -19,8 +19,14 @@ having the last word on every setpoint anyway):
 - Safety: an emergency stop, loss of keep-alive (watchdog, 5 s), and a grid
   frequency lost or outside the trip band (anti-islanding, 47.5-51.5 Hz) put every
   vehicle of the site into the safe state; control is granted again only once the
-  cause is cleared (reconnection after `reconnect_delay_s` in band). A charger not
-  heard from for `charger_timeout_s` gets power 0 and is left out.
+  cause is cleared (reconnection after `reconnect_delay_s` in band). A charger
+  unreachable for more than `charger_timeout_s` gets power 0 and is left out.
+  "Unreachable" is what the gateway can tell: the station's connection was found
+  dead (`ChargerWentOffline`), or a setpoint to it timed out or found it offline;
+  it is reachable again once it speaks (`ChargerCameOnline`, a boot, a heartbeat,
+  meter values). Silence between a station's messages is not unreachability:
+  stations speak every 10-60 s, and the gateway's heartbeat watchdog is what turns
+  silence into `ChargerWentOffline`.
 - Plan: a rolling-horizon day-ahead plan (`actors.planning.plan`) over the prices
   known from now on, re-planned when prices change, a vehicle plugs in or leaves,
   a trip changes, or telemetry departs from the planned SoC. Each vehicle's usable
@@ -64,6 +70,7 @@ from actors.vehicle import (
     thermal_derating,
 )
 from events.base import ENVELOPE_FIELDS, Command, Event, load_event, utc
+from events.charger import ChargerSetpointRejected, ChargerWentOffline
 from events.dispatch import (
     AntiIslandingTripped,
     ControlResumed,
@@ -944,7 +951,7 @@ _PRICE_TYPES = frozenset({"PricePublished", "PriceRevised"})
 _CHARGER_SEEN = {
     "ChargerHeartbeatReceived": "received_at",
     "ChargerBooted": "booted_at",
-    "ChargerMeterValuesRecorded": None,
+    "ChargerMeterValuesRecorded": "sampled_at",
     "ConnectorStatusChanged": "reported_at",
     "ChargerCameOnline": "at",
 }
@@ -988,7 +995,7 @@ class SitePolicy:
         self.plan: SitePlan | None = None
         self.last_seen: dict[KeepAliveSource, datetime] = {}
         self.charger_seen: dict[str, datetime] = {}
-        self.offline_chargers: set[str] = set()
+        self.unreachable_since: dict[str, datetime] = {}
         self.target_kw: float | None = None
         self.site_load_kw = 0.0
         self.base_kw: dict[str, float] = {}  # the last real-time setpoints (before frequency)
@@ -1043,23 +1050,37 @@ class SitePolicy:
 
     def _apply_charger(self, charger_id: str, row: Mapping[str, Any]) -> None:
         kind = row["type"]
-        if kind == "ChargerWentOffline":
-            self.offline_chargers.add(charger_id)
+        if kind in ("ChargerWentOffline", "ChargerSetpointRejected"):
+            event = load_event(kind, row["schema_version"], row["payload"])
+            if isinstance(event, ChargerWentOffline):
+                self.charger_unreachable(charger_id, event.detected_at)
+            elif isinstance(event, ChargerSetpointRejected) and event.reason in (
+                "timeout",
+                "station offline",
+            ):
+                self.charger_unreachable(charger_id, event.rejected_at)
             return
         if kind not in _CHARGER_SEEN:
             return
-        if kind == "ChargerCameOnline":
-            self.offline_chargers.discard(charger_id)
-        field_name = _CHARGER_SEEN[kind]
-        if field_name is None:
-            return
         event = load_event(kind, row["schema_version"], row["payload"])
-        self.see_charger(charger_id, getattr(event, field_name))
+        self.see_charger(charger_id, getattr(event, _CHARGER_SEEN[kind]))
 
     def see_charger(self, charger_id: str, at: datetime) -> None:
+        """The charger spoke at `at`: it is reachable (again)."""
         at = utc(at)
         if charger_id not in self.charger_seen or at > self.charger_seen[charger_id]:
             self.charger_seen[charger_id] = at
+        since = self.unreachable_since.get(charger_id)
+        if since is not None and at >= since:
+            del self.unreachable_since[charger_id]
+
+    def charger_unreachable(self, charger_id: str, since: datetime) -> None:
+        """The gateway found the charger unreachable at `since` (kept until it speaks)."""
+        since = utc(since)
+        seen = self.charger_seen.get(charger_id)
+        if seen is not None and seen > since:
+            return  # it spoke after that
+        self.unreachable_since.setdefault(charger_id, since)
 
     def keep_alive(self, source: KeepAliveSource, at: datetime) -> Decision:
         """A keep-alive from `source`; resumes control if its silence had tripped the watchdog."""
@@ -1121,9 +1142,8 @@ class SitePolicy:
             c = v.charger_id
             if c is None:
                 continue
-            if c in self.offline_chargers or (
-                c in self.charger_seen and at - self.charger_seen[c] > timeout
-            ):
+            since = self.unreachable_since.get(c)
+            if since is not None and at - since > timeout:
                 out.add(v.vehicle_id)
         return out
 

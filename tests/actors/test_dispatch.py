@@ -519,11 +519,21 @@ def test_a_charger_unreachable_for_more_than_2_s_gets_zero(site):
     site.policy.see_charger("cp-0", t(1))
     site.act(site.policy.tick(t(1)))
     assert site.vehicle("ev-0").setpoint.power_kw < 0
-    site.policy.see_charger("cp-0", t(1) + timedelta(seconds=1))
-    later = t(1) + timedelta(seconds=3.5)
-    site.act(site.policy.tick(later))
+    # silence between a station's messages is normal (they speak every 10-60 s)
+    site.act(site.policy.tick(t(1) + timedelta(seconds=30)))
+    assert site.vehicle("ev-0").setpoint.power_kw < 0
+    # the gateway finds its connection dead: unreachable from then on
+    lost = t(1) + timedelta(seconds=31)
+    site.policy.charger_unreachable("cp-0", lost)
+    site.act(site.policy.tick(lost + timedelta(seconds=1.5)))  # not yet 2 s
+    assert site.vehicle("ev-0").setpoint.power_kw < 0
+    site.act(site.policy.tick(lost + timedelta(seconds=2.5)))
     assert site.vehicle("ev-0").setpoint.power_kw == 0
     assert site.vehicle("ev-1").setpoint.power_kw < 0
+    # it speaks again: reachable
+    site.policy.see_charger("cp-0", lost + timedelta(seconds=10))
+    site.act(site.policy.tick(lost + timedelta(seconds=11)))
+    assert site.vehicle("ev-0").setpoint.power_kw < 0
 
 
 def test_peak_shaving_discharges_to_hold_the_site_load(tmp_path):
