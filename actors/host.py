@@ -32,7 +32,7 @@ from actors.tracing import (
     commands_handled,
     continued,
     events_appended,
-    traceparent_of,
+    handed_on,
     tracer,
 )
 from events.base import Command, Event, load_event
@@ -162,7 +162,7 @@ class EntityHost:
                         {"command": type(command).__name__, "stream_id": sid},
                     ) as span:
                         events = self.decider.decide(command, state)
-                        metadata = json.dumps({"traceparent": traceparent_of(span)})
+                        metadata = json.dumps({"traceparent": handed_on(span, command.traceparent)})
                         traced.append(span.get_span_context())
                 else:
                     events = self.decider.decide(command, state)

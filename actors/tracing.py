@@ -39,6 +39,12 @@ def traceparent_of(span: trace.Span) -> str:
     return carrier.get("traceparent", "")
 
 
+def handed_on(span: trace.Span, incoming: str) -> str:
+    """What to hand on: this span's context, or (no tracer configured in this
+    process) the incoming one unchanged, so the trace id still travels."""
+    return traceparent_of(span) or incoming
+
+
 def current_traceparent() -> str:
     return traceparent_of(trace.get_current_span())
 

@@ -26,6 +26,7 @@ import ray
 from actors.decider import CommandResult, Decider
 from actors.dispatch import DISPATCH, ConfigureDispatcher, Decision, SitePolicy
 from actors.market import MARKET
+from actors.tracing import continued, handed_on, traceparent_in
 from actors.vehicle import VEHICLE
 from cluster.client import FleetClient
 from cluster.runtime import NAMESPACE, Runtime, RuntimeConfig, gather
@@ -42,7 +43,7 @@ __all__ = [
     "stop_all",
 ]
 
-_ROWS = ["position", "stream_id", "stream_version", "type", "schema_version", "payload"]
+_ROWS = ["position", "stream_id", "stream_version", "type", "schema_version", "payload", "metadata"]
 
 
 def dispatch_deciders() -> list[Decider[Any]]:
@@ -88,6 +89,7 @@ class SiteDispatcher:
         self._stop = threading.Event()
         self._loop: threading.Thread | None = None
         self.results: list[CommandResult] = []  # rejected ones, for operators and tests
+        self._cause = ""  # traceparent of the newest traced event read
         if configure is not None:
             self.send([configure])
         self.sync()
@@ -102,8 +104,15 @@ class SiteDispatcher:
             ray.get(log.wait_for.remote(position, wait_s))
         table = ray.get(log.read_all.remote(position + 1, None, _ROWS))
         if table.num_rows:
+            rows = table.to_pylist()
             with self._lock:
-                self.policy.apply_rows(table.to_pylist())
+                self.policy.apply_rows(rows)
+                # the newest traced event is what the next decision answers to
+                for row in reversed(rows):
+                    cause = traceparent_in(row["metadata"])
+                    if cause:
+                        self._cause = cause
+                        break
         return self.policy.position
 
     def send(self, commands: Sequence[Command]) -> list[CommandResult]:
@@ -119,7 +128,13 @@ class SiteDispatcher:
     def act(self, decision: Decision) -> list[CommandResult]:
         # Its own record and the vehicle commands travel together: ids are fixed by
         # decision_seq, so a retry after a crash repeats, never doubles.
-        return self.send([*decision.dispatch, *decision.vehicle])
+        commands: list[Command] = [*decision.dispatch, *decision.vehicle]
+        cause, self._cause = self._cause, ""
+        if cause and commands:  # the decision continues the trace of what caused it
+            with continued(cause, "dispatch.decide", {"site_id": self.policy.site_id}) as span:
+                traceparent = handed_on(span, cause)
+            commands = [c.model_copy(update={"traceparent": traceparent}) for c in commands]
+        return self.send(commands)
 
     # ------------------------------------------------------------------ inputs
 

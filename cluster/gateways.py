@@ -68,6 +68,7 @@ from actors.gateways.ocpp_csms import (
 from actors.gateways.register_map import InverterRegisterMap, WriteRefused
 from actors.gateways.sink import CommandSink
 from actors.inverter import RegisterInverter
+from actors.tracing import traceparent_in
 from actors.vehicle import EnforceSafeState, PlanTrip, ReportTelemetry
 from cluster.device_config import DeviceConfig, fingerprint
 from cluster.runtime import NAMESPACE, Runtime, RuntimeConfig, RuntimeSink, tune_gc
@@ -348,7 +349,7 @@ class OcppGatewayService(_Service):
         return await self.gateway.send_setpoint(station_id, evse_id, power_kw, valid_until)
 
     async def send_setpoints(
-        self, setpoints: Sequence[tuple[str, int, float, datetime]]
+        self, setpoints: Sequence[tuple[str, int, float, datetime, str]]
     ) -> list[SetpointOutcome | str]:
         """Many stations at once (each station one at a time, as OCPP-J requires).
 
@@ -359,7 +360,7 @@ class OcppGatewayService(_Service):
         assert self.gateway is not None
         gateway = self.gateway
 
-        async def one(item: tuple[str, int, float, datetime]) -> SetpointOutcome | str:
+        async def one(item: tuple[str, int, float, datetime, str]) -> SetpointOutcome | str:
             try:
                 return await gateway.send_setpoint(*item)
             except Exception as exc:
@@ -628,6 +629,7 @@ class ChargerCall:
     evse_id: int
     power_kw: float
     valid_until: datetime
+    traceparent: str = ""  # of the setpoint event it carries out
 
 
 @dataclass(frozen=True)
@@ -672,6 +674,7 @@ class RelayFold:
         self.devices = devices
         self.state = state or RelayState()
         self.unroutable = 0
+        self._traceparent = ""  # of the event being folded
 
     def apply(
         self, rows: Sequence[dict[str, Any]]
@@ -682,6 +685,7 @@ class RelayFold:
             self.state.position = max(self.state.position, int(row["position"]))
             kind = row["type"]
             payload = json.loads(row["payload"])
+            self._traceparent = traceparent_in(row.get("metadata") or "")
             if kind in _VEHICLE_TYPES:
                 self._vehicle(kind, payload, chargers)
             elif kind in _CHARGER_TYPES:
@@ -765,7 +769,7 @@ class RelayFold:
             return
         evse_id = self._evse(vehicle, charger_id)
         calls[(charger_id, evse_id)] = ChargerCall(
-            charger_id, evse_id, float(power_kw), valid_until
+            charger_id, evse_id, float(power_kw), valid_until, self._traceparent
         )
 
     def vehicles_at(self, charger_id: str) -> list[str]:
@@ -848,7 +852,7 @@ class SetpointRelay:
         table = await log.read_all.remote(
             self.fold.state.position + 1,
             upper,
-            ["position", "stream_id", "type", "event_id", "payload"],
+            ["position", "stream_id", "type", "event_id", "payload", "metadata"],
         )
         table = table.filter(pc.is_in(table.column("type"), value_set=_type_set()))
         rows = sorted(table.to_pylist(), key=lambda r: r["position"])
@@ -863,14 +867,14 @@ class SetpointRelay:
         self, chargers: dict[tuple[str, int], ChargerCall], inverters: dict[str, InverterCall]
     ) -> None:
         now = datetime.now(UTC)
-        by_gateway: dict[int, list[tuple[str, int, float, datetime]]] = {}
+        by_gateway: dict[int, list[tuple[str, int, float, datetime, str]]] = {}
         for call in chargers.values():
             if call.valid_until <= now:
                 self.skipped_expired += 1
                 continue
             gateway = self._devices.gateway_of(call.station_id)
             by_gateway.setdefault(gateway, []).append(
-                (call.station_id, call.evse_id, call.power_kw, call.valid_until)
+                (call.station_id, call.evse_id, call.power_kw, call.valid_until, call.traceparent)
             )
         by_site: dict[str, list[tuple[str, float, str]]] = {}
         for inv in inverters.values():

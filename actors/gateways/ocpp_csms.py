@@ -33,6 +33,7 @@ import math
 import ssl
 import uuid
 from collections.abc import Awaitable, Callable, Coroutine, Mapping, Sequence
+from contextvars import ContextVar
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from http import HTTPStatus
@@ -74,7 +75,7 @@ from actors.charger import (
 )
 from actors.decider import CommandResult
 from actors.gateways.sink import CommandSink
-from actors.tracing import continued, traceparent_of
+from actors.tracing import continued, handed_on, traceparent_of
 from events.base import Command
 from events.charger import SetpointRejectionReason
 
@@ -86,6 +87,11 @@ _VERSION_OF = {"ocpp2.1": "2.1", "ocpp2.0.1": "2.0.1"}
 #: Charging profiles the gateway sends have id PROFILE_ID_BASE + evse_id, so each new
 #: setpoint replaces the previous one on that EVSE.
 PROFILE_ID_BASE = 7100
+
+
+# The trace the gateway is working under in this task: a station's message, or a
+# setpoint decision being carried to a station. Commands submitted meanwhile carry it.
+_TRACE: ContextVar[str] = ContextVar("v2g_ocpp_trace", default="")
 
 
 @dataclass(frozen=True)
@@ -693,7 +699,12 @@ class OcppCsmsGateway:
     # --- setpoints ------------------------------------------------------------------
 
     async def send_setpoint(
-        self, station_id: str, evse_id: int, power_kw: float, valid_until: datetime
+        self,
+        station_id: str,
+        evse_id: int,
+        power_kw: float,
+        valid_until: datetime,
+        traceparent: str = "",
     ) -> SetpointOutcome:
         """Ask a station for `power_kw` on `evse_id` until `valid_until` (SetChargingProfile).
 
@@ -711,7 +722,15 @@ class OcppCsmsGateway:
         station = self._station(station_id)
         if not (station.version == "2.0.1" and power_kw < 0):
             station.desired[evse_id] = (power_kw, valid_until)
-        return await self._push_setpoint(station, evse_id, power_kw, valid_until)
+        # continues the trace of the setpoint decision; what the station answers is
+        # recorded with it (see `_submit`)
+        attributes = {"station_id": station_id, "evse_id": evse_id, "power_kw": power_kw}
+        with continued(traceparent, "ocpp.SetChargingProfile", attributes) as span:
+            token = _TRACE.set(handed_on(span, traceparent))
+            try:
+                return await self._push_setpoint(station, evse_id, power_kw, valid_until)
+            finally:
+                _TRACE.reset(token)
 
     async def _push_setpoint(
         self, station: _Station, evse_id: int, power_kw: float, valid_until: datetime
@@ -1000,6 +1019,12 @@ class OcppCsmsGateway:
             LOGGER.error("gateway task failed", exc_info=task.exception())
 
     async def _submit(self, commands: Sequence[Command]) -> list[CommandResult]:
+        trace = _TRACE.get()
+        if trace:
+            commands = [
+                c if c.traceparent else c.model_copy(update={"traceparent": trace})
+                for c in commands
+            ]
         results = await self._sink.submit(commands)
         for result in results:
             if not result.ok:

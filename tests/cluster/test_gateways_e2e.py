@@ -23,6 +23,7 @@ import ray
 from websockets.exceptions import InvalidStatus
 
 from actors.inverter import RequestInverterSetpoint
+from actors.tracing import traceparent_in
 from actors.vehicle import (
     GrantControl,
     PlugIn,
@@ -68,6 +69,9 @@ class LoopThread:
         self.loop.call_soon_threadsafe(self.loop.stop)
         self.thread.join(5)
         self.loop.close()
+
+
+TRACE_ID = "0af7651916cd43dd8448eb211c80319c"
 
 
 class System:
@@ -241,12 +245,18 @@ def test_a_station_meters_and_receives_a_discharge_setpoint_without_duplicates(
                 controller_id="dispatcher-test",
                 power_kw=-5.0,
                 valid_until=now + timedelta(minutes=15),
+                traceparent=f"00-{TRACE_ID}-b7ad6b7169203331-01",
             ),
         ]
     )
     assert [r.status for r in results] == ["recorded"] * 4, results
     sent = system.wait_events("charger-CS-A", "ChargerSetpointSent")
     assert json.loads(sent[-1].payload)["power_kw"] == -5.0
+    # one trace from the setpoint request, through the vehicle host, the log and the
+    # relay, to the station's answer (each process hands the context on)
+    [accepted] = system.events("vehicle-van-1", "VehicleSetpointAccepted")
+    assert traceparent_in(accepted.metadata).split("-")[1] == TRACE_ID
+    assert traceparent_in(sent[-1].metadata).split("-")[1] == TRACE_ID
     profile = cs.profiles[-1]
     assert (profile.evse_id, profile.power_kw, profile.operation_mode) == (
         1,
