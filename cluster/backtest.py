@@ -20,7 +20,7 @@ import argparse
 import json
 import sys
 from collections import defaultdict
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass
 from datetime import UTC, datetime, timedelta
 from typing import Any
@@ -130,8 +130,12 @@ def run_backtest(
     seed: int = 2024,
     name: str = "backtest",
     degradation_eur_per_kwh: float = 0.02,
+    on_step: Callable[[int, int], None] | None = None,
 ) -> BacktestReport:
-    """Backtest `days` from `start` (a UTC midnight) with a simulated fleet; see the module doc."""
+    """Backtest `days` from `start` (a UTC midnight) with a simulated fleet; see the module doc.
+
+    `on_step(done, total)` is called after each simulated step (progress bars).
+    """
     start = start.astimezone(UTC)
     end = start + timedelta(days=days)
     fleet_sim = simulate_fleet(start, days, vehicles, sites, seed)
@@ -171,6 +175,8 @@ def run_backtest(
         ]
         powers: dict[str, tuple[float, datetime, datetime]] = {}
         now = start
+        total_steps = int((end - start) / STEP)
+        done_steps = 0
         while now < end:
             commands: list[Command] = []
             for v in fleet_sim:
@@ -188,6 +194,9 @@ def run_backtest(
                     sp = state.setpoint
                     powers[v.vehicle_id] = (sp.power_kw, sp.since, sp.valid_until)
             now += STEP
+            done_steps += 1
+            if on_step is not None:
+                on_step(done_steps, total_steps)
         # the last step's energy and the departures due at the end
         commands = []
         for v in fleet_sim:
@@ -405,7 +414,10 @@ def _t(text: str) -> datetime:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    """`v2g backtest`: prints the report as one JSON object; exit 1 if any violation."""
+    """`v2g backtest`: a progress bar and a summary, or `--json` for scripts.
+
+    Exit code 1 if any violation was counted, 2 for bad arguments.
+    """
     parser = argparse.ArgumentParser(prog="v2g backtest", description=__doc__.split("\n")[0])
     parser.add_argument("--data-dir", default="var/backtest")
     parser.add_argument("--start", default="2024-03-11", help="UTC date (YYYY-MM-DD), 2024")
@@ -413,16 +425,44 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--vehicles", type=int, default=10)
     parser.add_argument("--sites", type=int, default=2)
     parser.add_argument("--seed", type=int, default=2024)
+    parser.add_argument("--json", action="store_true", help="print the report as one JSON object")
     args = parser.parse_args(argv)
     try:
         start = datetime.strptime(args.start, "%Y-%m-%d").replace(tzinfo=UTC)
     except ValueError:
         print(f"--start {args.start!r}: expected YYYY-MM-DD", file=sys.stderr)
         return 2
-    report = run_backtest(
-        args.data_dir, start, args.days, args.vehicles, args.sites, seed=args.seed
-    )
-    print(json.dumps(report.as_dict()))
+    if args.json:
+        report = run_backtest(
+            args.data_dir, start, args.days, args.vehicles, args.sites, seed=args.seed
+        )
+        print(json.dumps(report.as_dict()))
+        return 1 if report.violations else 0
+    from rich.console import Console
+    from rich.progress import Progress
+    from rich.table import Table
+
+    console = Console()
+    with Progress(console=console) as progress:
+        task = progress.add_task("simulated 15-minute steps", total=args.days * 96)
+        report = run_backtest(
+            args.data_dir,
+            start,
+            args.days,
+            args.vehicles,
+            args.sites,
+            seed=args.seed,
+            on_step=lambda done, total: progress.update(task, completed=done, total=total),
+        )
+    table = Table(title=f"Backtest from {args.start}, {args.days} day(s)")
+    table.add_column("figure")
+    table.add_column("value", justify="right")
+    for key, value in report.as_dict().items():
+        table.add_row(
+            key.replace("_", " "), f"{value:,.2f}" if isinstance(value, float) else str(value)
+        )
+    console.print(table)
+    console.print(f"log in {args.data_dir}/log; `v2g replay` builds its projections")
     return 1 if report.violations else 0
 
 

@@ -90,3 +90,12 @@ def test_replay_sql_audit_and_export_work_from_the_command_line(tmp_path, capsys
     assert main([*args, "export", "--format", "parquet", "--output", str(out)]) == 0
     assert pq.read_table(out / "telemetry.parquet").num_rows == 3
     assert main([*args, "replay", "--until", "2024-01-15"]) == 2  # no timezone
+
+
+def test_backtest_options_are_parsed_by_the_backtest_itself(capsys):
+    # bad input fails before any system starts; --help lists the backtest's own options
+    assert main(["backtest", "--start", "not-a-date"]) == 2
+    assert "expected YYYY-MM-DD" in capsys.readouterr().err
+    with pytest.raises(SystemExit):
+        main(["backtest", "--help"])
+    assert "--json" in capsys.readouterr().out
