@@ -129,8 +129,8 @@ class SiteDispatcher:
         # Its own record and the vehicle commands travel together: ids are fixed by
         # decision_seq, so a retry after a crash repeats, never doubles.
         commands: list[Command] = [*decision.dispatch, *decision.vehicle]
-        cause, self._cause = self._cause, ""
-        if cause and commands:  # the decision continues the trace of what caused it
+        if self._cause and commands:  # the decision continues the trace of what caused it
+            cause, self._cause = self._cause, ""
             with continued(cause, "dispatch.decide", {"site_id": self.policy.site_id}) as span:
                 traceparent = handed_on(span, cause)
             commands = [c.model_copy(update={"traceparent": traceparent}) for c in commands]

@@ -181,3 +181,32 @@ def test_silence_from_the_coordinator_trips_the_watchdog(system):
     assert all("watchdog" in s.safe_state_reason for s in states)
     ray.get(coordinator.resume_keep_alive.remote())
     wait_until(lambda: discharging(fleet, "site-a"))  # control granted again
+
+
+def test_a_decision_continues_the_trace_of_the_event_it_answers(system):
+    fleet, _, _ = system
+    wait_until(lambda: discharging(fleet, "site-a"))
+    trace_id = "4bf92f3577b34da6a3ce929d0e0e4736"
+    now = datetime.now(UTC)
+    [reading] = fleet.send_many(
+        [
+            ReportTelemetry(
+                command_id="traced-tel",
+                issued_at=now,
+                vehicle_id="site-a-ev1",
+                measured_at=now,
+                soc=0.79,
+                battery_temp_c=25,
+                soh=0.95,
+                traceparent=f"00-{trace_id}-00f067aa0ba902b7-01",
+            )
+        ]
+    )
+    assert reading.status == "recorded"
+
+    def traced_decision():
+        events = fleet.events("dispatch-site-a")
+        return [e for e in events if e.position > reading.positions[-1] and trace_id in e.metadata]
+
+    [first, *_] = wait_until(traced_decision)  # the next decision's own record carries it
+    assert first.command_id.startswith("dispatch-site-a")
