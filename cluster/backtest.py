@@ -38,7 +38,7 @@ from actors.vehicle import (
     Unplug,
 )
 from cluster.dispatcher import SiteDispatcher, embedded_fleet
-from cluster.fleet_sim import STEP, SimVehicle, simulate_fleet
+from cluster.fleet_sim import STEP, Session, SimVehicle, simulate_fleet
 from events.base import Command
 from events.dispatch import TransformerLimit
 from events.market import PublishPrice, RegisterMarket
@@ -259,25 +259,31 @@ def _advance(
     if arrivals and v.plugged is None and v.sessions and v.sessions[0].arrival <= now:
         session = v.sessions.pop(0)
         v.plugged = session
-        out += [
-            PlugIn(
-                command_id=f"sim:plug:{vid}:{now:%Y%m%dT%H%M}",
-                issued_at=now,
-                vehicle_id=vid,
-                charger_id=v.charger_id,
-                charger_max_charge_kw=v.charge_kw,
-                charger_max_discharge_kw=v.discharge_kw,
-            ),
-            sim_telemetry(v, now, "arrive"),
-            PlanTrip(
-                command_id=f"sim:trip:{vid}:{now:%Y%m%dT%H%M}",
-                issued_at=now,
-                vehicle_id=vid,
-                departure_at=session.departure,
-                energy_needed_kwh=v.trip_energy_kwh(session),
-            ),
-        ]
+        out += sim_arrival(v, session, now)
     return out
+
+
+def sim_arrival(v: SimVehicle, session: Session, now: datetime) -> list[Command]:
+    """A simulated van arriving: it plugs in, reports its battery, plans its next trip."""
+    vid = v.vehicle_id
+    return [
+        PlugIn(
+            command_id=f"sim:plug:{vid}:{now:%Y%m%dT%H%M}",
+            issued_at=now,
+            vehicle_id=vid,
+            charger_id=v.charger_id,
+            charger_max_charge_kw=v.charge_kw,
+            charger_max_discharge_kw=v.discharge_kw,
+        ),
+        sim_telemetry(v, now, "arrive"),
+        PlanTrip(
+            command_id=f"sim:trip:{vid}:{now:%Y%m%dT%H%M}",
+            issued_at=now,
+            vehicle_id=vid,
+            departure_at=session.departure,
+            energy_needed_kwh=v.trip_energy_kwh(session),
+        ),
+    ]
 
 
 def sim_telemetry(v: SimVehicle, now: datetime, what: str) -> ReportTelemetry:

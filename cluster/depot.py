@@ -54,8 +54,8 @@ import ray
 from actors.dispatch import ConfigureDispatcher
 from actors.inverter import RequestInverterSetpoint
 from actors.market import RegisterMarket
-from actors.vehicle import PlanTrip, PlugIn, RecordEnergy, RegisterVehicle, Unplug
-from cluster.backtest import MARKET_ID, _prices, sim_telemetry
+from actors.vehicle import RecordEnergy, RegisterVehicle, Unplug
+from cluster.backtest import MARKET_ID, _prices, sim_arrival, sim_telemetry
 from cluster.client import FleetClient
 from cluster.device_config import (
     BrokerConfig,
@@ -427,24 +427,7 @@ class _Depot:
             n = self.sessions_started[vid] = self.sessions_started.get(vid, 0) + 1
             station, evse = self.bay[vid]
             actions.append(("start", (station, evse, self.token(vid), f"{vid}-s{n}")))
-            out += [
-                PlugIn(
-                    command_id=f"sim:plug:{vid}:{now:%Y%m%dT%H%M}",
-                    issued_at=now,
-                    vehicle_id=vid,
-                    charger_id=v.charger_id,
-                    charger_max_charge_kw=v.charge_kw,
-                    charger_max_discharge_kw=v.discharge_kw,
-                ),
-                sim_telemetry(v, now, "arrive"),
-                PlanTrip(
-                    command_id=f"sim:trip:{vid}:{now:%Y%m%dT%H%M}",
-                    issued_at=now,
-                    vehicle_id=vid,
-                    departure_at=session.departure,
-                    energy_needed_kwh=v.trip_energy_kwh(session),
-                ),
-            ]
+            out += sim_arrival(v, session, now)
         return out, actions
 
 
