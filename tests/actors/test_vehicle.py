@@ -832,6 +832,47 @@ def test_the_state_snapshot_round_trips_through_json() -> None:
     assert VehicleState.model_validate_json(state.model_dump_json()) == state
 
 
+def test_telemetry_is_recorded_as_validation_would_record_it() -> None:
+    # decide builds this event without validating it again; the times still go to UTC
+    plus_two = timezone(timedelta(hours=2))
+    state = given(*ready())
+    [reported] = when(
+        state,
+        ReportTelemetry(
+            command_id="tel-tz",
+            issued_at=t(5).astimezone(plus_two),
+            vehicle_id=VID,
+            measured_at=t(4).astimezone(plus_two),
+            soc=1,
+            battery_temp_c=25,
+            soh=0.9,
+            source="mqtt",
+        ),
+    )
+    validated = VehicleTelemetryReported(
+        vehicle_id=VID,
+        at=t(5),
+        measured_at=t(4),
+        soc=1.0,
+        battery_temp_c=25.0,
+        soh=0.9,
+        source="mqtt",
+    )
+    assert reported == validated
+    assert reported.model_dump_json() == validated.model_dump_json()
+    assert reported.at.tzinfo == UTC and reported.model_fields_set == validated.model_fields_set
+
+
+def test_evolved_states_copy_like_pydantic_models() -> None:
+    state = given(*ready(), trip(20))
+    later = VEHICLE.evolve(state, reading(0.5, minute=30))
+    assert later.reading is not None and later.reading.soc == 0.5
+    assert state.reading != later.reading  # the state it came from is untouched
+    assert later.model_copy(update={"safe_state_reason": "x"}).safe_state_reason == "x"
+    with pytest.raises(ValidationError):
+        later.reading.soc = 0.1  # type: ignore[misc]  # still frozen
+
+
 def test_vehicle_events_are_registered_frozen_and_strict() -> None:
     for cls in VEHICLE_EVENTS:
         assert event_class(cls.__name__) is cls

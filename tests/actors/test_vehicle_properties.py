@@ -269,7 +269,18 @@ def _run(data: st.DataObject, check: bool) -> None:
             state = evolve(state, event)
             if check:
                 model.apply(event)
+            else:
+                _same_as_validated(event, state)
         assert decide(cmd, state) == [], f"{type(cmd).__name__} decided twice adds events"
+
+
+def _same_as_validated(event: Event, state: VehicleState) -> None:
+    """Events and states built without validation (the hot path) equal validated ones,
+    down to the JSON that is stored and hashed."""
+    again = type(event).model_validate(event.model_dump())
+    assert again == event and again.model_dump_json() == event.model_dump_json()
+    rebuilt = VehicleState.model_validate(state.model_dump())
+    assert rebuilt == state and rebuilt.model_dump_json() == state.model_dump_json()
 
 
 @SETTINGS
