@@ -49,6 +49,7 @@ from events.schema import (
     chained_hash,
     stream_hash,
 )
+from events.typed import write_typed
 from events.wal import encode_frame, fsync_dir, scan
 
 _FORMAT = 1
@@ -592,6 +593,8 @@ class EventLog:
         os.fsync(fd)
         os.close(fd)
         os.replace(tmp, os.path.join(part.path, name))
+        # typed payload columns (events.typed), durable before the manifest names the segment
+        write_typed(table, part.path, first, last)
         segment = _Segment(name, first, last, table.num_rows, table.column("hash")[-1].as_py())
         with self._state:
             segments = [*part.segments, segment]
@@ -702,10 +705,16 @@ class EventLog:
                     raise LogCorrupted(f"{part.path}: sealed segment {seg.file} is missing")
                 part.segments.append(seg)
                 listed.add(seg.file)
+        ranges = {seg_file[4:45] for seg_file in listed}  # "<first>-<last>" of each
         for name in sorted(os.listdir(part.path)):
-            # A crash while sealing leaves a temporary or unlisted segment whose events
-            # are still in the write-ahead file: drop it, the next seal writes it again.
-            if name.endswith(".tmp") or (name.startswith("seg-") and name not in listed):
+            # A crash while sealing leaves a temporary or unlisted segment (and its typed
+            # files) whose events are still in the write-ahead file: drop them, the next
+            # seal writes them again.
+            if (
+                name.endswith(".tmp")
+                or (name.startswith("seg-") and name not in listed)
+                or (name.startswith("typ-") and name[4:45] not in ranges)
+            ):
                 os.remove(os.path.join(part.path, name))
         wal_names = sorted(n for n in os.listdir(part.path) if n.startswith("wal-"))
         sealed = part.sealed_through
