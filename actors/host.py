@@ -35,7 +35,7 @@ from actors.tracing import (
     handed_on,
     tracer,
 )
-from events.base import Command, Event, load_event
+from events.base import Command, load_event
 from events.log import Appended, AppendOutcome, BatchOutcome, ConcurrencyError
 from events.schema import PendingBatchBuilder, stream_hash
 
@@ -65,6 +65,11 @@ class Shard:
 
     def owns(self, stream_id: str) -> bool:
         return stream_hash(stream_id) % self.count == self.index
+
+
+# A command whose events are in the pending batch: (index in the batch, the
+# command, its stream id, its event types).
+_Appending = tuple[int, Command, str, tuple[str, ...]]
 
 
 class EntityHost:
@@ -135,24 +140,42 @@ class EntityHost:
     def _decide_and_append(
         self, commands: Sequence[Command]
     ) -> tuple[list[CommandResult], list[int], set[int]]:
+        # Runs once per command: attribute lookups are hoisted into locals, and each
+        # command's stream id and stream hash are computed once.
         results: list[CommandResult | None] = [None] * len(commands)
         judged: set[int] = set()  # refused by the decider itself
         builder = PendingBatchBuilder()
+        add = builder.add
         tentative: dict[str, tuple[Any, int]] = {}  # stream -> (state, version) after the batch
-        appended: list[tuple[int, Command, list[Event]]] = []
+        appended: list[_Appending] = []
         seen_in_batch: set[str] = set()
         traced: list[trace.SpanContext] = []
+        decide, evolve = self.decider.decide, self.decider.evolve
+        command_types = self.decider.command_types
+        shard_index, shard_count = self.shard.index, self.shard.count
+        states, versions = self._states, self._versions
         for i, command in enumerate(commands):
-            problem = self._misrouted(command)
-            if problem:
-                results[i] = self._rejected(command, problem)
+            if not isinstance(command, command_types):
+                results[i] = self._rejected(command, self._misrouted(command))
                 continue
-            if command.command_id in seen_in_batch:
+            sid = command.stream_id
+            sid_hash = stream_hash(sid)
+            if sid_hash % shard_count != shard_index:
+                results[i] = self._rejected(command, self._misrouted(command))
+                continue
+            command_id = command.command_id
+            if command_id in seen_in_batch:
                 results[i] = self._rejected(command, "command_id repeated within the batch")
                 continue
-            seen_in_batch.add(command.command_id)
-            sid = command.stream_id
-            state, version = tentative.get(sid) or (self._state(sid), self._versions.get(sid, 0))
+            seen_in_batch.add(command_id)
+            known = tentative.get(sid)
+            if known is None:
+                state = states.get(sid)
+                if state is None:
+                    state = self.decider.initial_state(sid[len(self._prefix) :])
+                version = versions.get(sid, 0)
+            else:
+                state, version = known
             metadata = "{}"
             try:
                 if command.traceparent:  # only sampled commands pay for a span
@@ -161,11 +184,11 @@ class EntityHost:
                         f"{self.decider.kind}.decide",
                         {"command": type(command).__name__, "stream_id": sid},
                     ) as span:
-                        events = self.decider.decide(command, state)
+                        events = decide(command, state)
                         metadata = json.dumps({"traceparent": handed_on(span, command.traceparent)})
                         traced.append(span.get_span_context())
                 else:
-                    events = self.decider.decide(command, state)
+                    events = decide(command, state)
             except CommandRejected as exc:
                 results[i] = self._rejected(command, exc.reason)
                 judged.add(i)
@@ -175,26 +198,28 @@ class EntityHost:
                 judged.add(i)
                 continue
             if not events:
-                results[i] = CommandResult(
-                    command_id=command.command_id, stream_id=sid, status="unchanged"
-                )
+                results[i] = CommandResult(command_id=command_id, stream_id=sid, status="unchanged")
                 continue
+            types = []
             for k, event in enumerate(events):
-                state = self.decider.evolve(state, event)
-                builder.add(
+                state = evolve(state, event)
+                type_name = type(event).__name__
+                types.append(type_name)
+                add(
                     sid,
                     version + 1 + k,
-                    f"{command.command_id}/{k}",
-                    type(event).__name__,
+                    f"{command_id}/{k}",
+                    type_name,
                     event.schema_version,
                     command.issued_at,
-                    command.command_id,
+                    command_id,
                     command.correlation_id,
                     event.model_dump_json(),
                     metadata,
+                    sid_hash,
                 )
             tentative[sid] = (state, version + len(events))
-            appended.append((i, command, events))
+            appended.append((i, command, sid, tuple(types)))
         retry: list[int] = []
         if appended:
             if traced:
@@ -215,7 +240,7 @@ class EntityHost:
 
     def _settle(
         self,
-        appended: list[tuple[int, Command, list[Event]]],
+        appended: list[_Appending],
         outcomes: Sequence[AppendOutcome],
         tentative: dict[str, tuple[Any, int]],
         results: list[CommandResult | None],
@@ -230,35 +255,40 @@ class EntityHost:
             else (_as_columns(o) for o in outcomes)
         )
         last = self.position
-        for (i, command, events), (first, count, duplicate, conflict) in zip(
+        for (i, command, sid, types), (first, count, duplicate, conflict) in zip(
             appended, rows, strict=True
         ):
-            sid = command.stream_id
-            if conflict is not None:
-                stale.add(sid)
-                if sid in repeated:
-                    retry.append(i)  # its expected version counted the repeat's events
-                results[i] = self._rejected(command, str(ConcurrencyError(sid, *conflict)))
-            elif duplicate:  # recorded before (a retry, or a restarted host)
-                stale.add(sid)
-                repeated.add(sid)
-                results[i] = self._repeat(command, Appended(command.command_id, sid, first, count))
-            else:
+            if conflict is None and not duplicate:  # the common case first
                 results[i] = CommandResult(
                     command_id=command.command_id,
                     stream_id=sid,
                     status="recorded",
-                    positions=tuple(range(first, first + count)),
-                    event_types=tuple([type(e).__name__ for e in events]),
+                    positions=(first,) if count == 1 else tuple(range(first, first + count)),
+                    event_types=types,
                 )
                 last = first + count - 1
+            elif conflict is not None:
+                stale.add(sid)
+                if sid in repeated:
+                    retry.append(i)  # its expected version counted the repeat's events
+                results[i] = self._rejected(command, str(ConcurrencyError(sid, *conflict)))
+            else:  # recorded before (a retry, or a restarted host)
+                stale.add(sid)
+                repeated.add(sid)
+                results[i] = self._repeat(command, Appended(command.command_id, sid, first, count))
         self.position = max(self.position, last)
-        for sid, (state, version) in tentative.items():
-            if sid not in stale:
-                self._states[sid] = state
-                self._versions[sid] = version
-        for sid in stale:
-            self._reload(sid)
+        states, versions = self._states, self._versions
+        if stale:
+            for sid, (state, version) in tentative.items():
+                if sid not in stale:
+                    states[sid] = state
+                    versions[sid] = version
+            for sid in stale:
+                self._reload(sid)
+        else:
+            for sid, (state, version) in tentative.items():
+                states[sid] = state
+                versions[sid] = version
         return retry
 
     def _misrouted(self, command: Command) -> str:

@@ -12,7 +12,7 @@ from __future__ import annotations
 import hashlib
 import zlib
 from collections.abc import Sequence
-from datetime import UTC, datetime
+from datetime import UTC, datetime, timedelta
 
 import pyarrow as pa
 
@@ -51,9 +51,15 @@ def stream_hash(stream_id: str) -> int:
     return zlib.crc32(stream_id.encode())
 
 
+_EPOCH = datetime(1970, 1, 1, tzinfo=UTC)
+_ONE_US = timedelta(microseconds=1)
+
+
 def micros(dt: datetime) -> int:
-    delta = dt.astimezone(UTC) - datetime(1970, 1, 1, tzinfo=UTC)
-    return (delta.days * 86_400 + delta.seconds) * 1_000_000 + delta.microseconds
+    """Microseconds since the epoch of an aware datetime (exact integer arithmetic)."""
+    if dt.tzinfo is None:
+        raise ValueError("naive datetime: give a timezone")
+    return (dt - _EPOCH) // _ONE_US
 
 
 def canonical_body(
@@ -92,16 +98,42 @@ class PendingBatchBuilder:
     """Accumulates events column by column; `build()` gives one `PENDING_SCHEMA` batch.
 
     Hosts build these in their own process, so the log's single writer only
-    validates, numbers, hashes and writes.
+    validates, numbers, hashes and writes. `add` runs once per event on the
+    command path: one list per column, held in slots, and the canonical body
+    joined in place.
     """
 
-    __slots__ = ("_cols",)
+    __slots__ = (
+        "_body",
+        "_command_id",
+        "_correlation_id",
+        "_event_id",
+        "_metadata",
+        "_occurred_at",
+        "_payload",
+        "_schema_version",
+        "_stream_hash",
+        "_stream_id",
+        "_stream_version",
+        "_type",
+    )
 
     def __init__(self) -> None:
-        self._cols: dict[str, list[object]] = {f.name: [] for f in PENDING_SCHEMA}
+        self._stream_id: list[str] = []
+        self._stream_hash: list[int] = []
+        self._stream_version: list[int] = []
+        self._event_id: list[str] = []
+        self._type: list[str] = []
+        self._schema_version: list[int] = []
+        self._occurred_at: list[int] = []
+        self._command_id: list[str] = []
+        self._correlation_id: list[str] = []
+        self._payload: list[str] = []
+        self._metadata: list[str] = []
+        self._body: list[bytes] = []
 
     def __len__(self) -> int:
-        return len(self._cols["stream_id"])
+        return len(self._stream_id)
 
     def add(
         self,
@@ -115,38 +147,59 @@ class PendingBatchBuilder:
         correlation_id: str,
         payload: str,
         metadata: str = "{}",
+        stream_hash_value: int | None = None,
     ) -> None:
+        """One event; `stream_hash_value` saves hashing the stream id again if known."""
         occurred_at_us = micros(occurred_at)
-        c = self._cols
-        c["stream_id"].append(stream_id)
-        c["stream_hash"].append(stream_hash(stream_id))
-        c["stream_version"].append(stream_version)
-        c["event_id"].append(event_id)
-        c["type"].append(type_name)
-        c["schema_version"].append(schema_version)
-        c["occurred_at"].append(occurred_at_us)
-        c["command_id"].append(command_id)
-        c["correlation_id"].append(correlation_id)
-        c["payload"].append(payload)
-        c["metadata"].append(metadata)
-        c["body"].append(
-            canonical_body(
-                stream_id,
-                stream_version,
-                event_id,
-                type_name,
-                schema_version,
-                occurred_at_us,
-                command_id,
-                correlation_id,
-                payload,
-                metadata,
-            )
+        self._stream_id.append(stream_id)
+        self._stream_hash.append(
+            stream_hash(stream_id) if stream_hash_value is None else stream_hash_value
+        )
+        self._stream_version.append(stream_version)
+        self._event_id.append(event_id)
+        self._type.append(type_name)
+        self._schema_version.append(schema_version)
+        self._occurred_at.append(occurred_at_us)
+        self._command_id.append(command_id)
+        self._correlation_id.append(correlation_id)
+        self._payload.append(payload)
+        self._metadata.append(metadata)
+        # canonical_body, inlined: the same fields, in the same order
+        self._body.append(
+            _SEP.join(
+                (
+                    stream_id,
+                    str(stream_version),
+                    event_id,
+                    type_name,
+                    str(schema_version),
+                    str(occurred_at_us),
+                    command_id,
+                    correlation_id,
+                    payload,
+                    metadata,
+                )
+            ).encode()
         )
 
     def build(self) -> pa.RecordBatch:
+        columns = (
+            self._stream_id,
+            self._stream_hash,
+            self._stream_version,
+            self._event_id,
+            self._type,
+            self._schema_version,
+            self._occurred_at,
+            self._command_id,
+            self._correlation_id,
+            self._payload,
+            self._metadata,
+            self._body,
+        )
         return pa.RecordBatch.from_arrays(
-            [pa.array(self._cols[f.name], f.type) for f in PENDING_SCHEMA], schema=PENDING_SCHEMA
+            [pa.array(values, f.type) for values, f in zip(columns, PENDING_SCHEMA, strict=True)],
+            schema=PENDING_SCHEMA,
         )
 
 
