@@ -12,7 +12,7 @@ import dataclasses
 import json
 import os
 import sys
-from collections.abc import Sequence
+from collections.abc import Callable, Iterator, Sequence
 from datetime import UTC, datetime
 from typing import Any
 
@@ -27,6 +27,20 @@ def _data_dir(args: argparse.Namespace) -> str:
 
 def _print_json(obj: Any) -> None:
     print(json.dumps(obj, indent=2, default=str))
+
+
+@contextlib.contextmanager
+def _progress(label: str, machine_readable: bool) -> Iterator[Callable[[int, int], None]]:
+    """The backtest's progress bar; `update(done, total)` moves it.
+
+    With `--json` it goes to stderr, so stdout stays one JSON document.
+    """
+    from rich.console import Console
+    from rich.progress import Progress
+
+    with Progress(console=Console(stderr=machine_readable)) as progress:
+        task = progress.add_task(label, total=None)
+        yield lambda done, total: progress.update(task, completed=done, total=total)
 
 
 # --------------------------------------------------------------------- log verify
@@ -173,7 +187,8 @@ def cmd_replay(args: argparse.Namespace) -> int:
     if not os.path.exists(os.path.join(log_root, "log.json")):
         print(f"v2g: no event log at {log_root}", file=sys.stderr)
         return EXIT_USAGE
-    positions = replay(log_root, db_path, until=until)
+    with _progress("events replayed", args.json) as update:
+        positions = replay(log_root, db_path, until=until, on_progress=update)
     if args.json:
         _print_json(positions)
     else:
@@ -204,10 +219,16 @@ def cmd_export(args: argparse.Namespace) -> int:
 
     _, db_path = _paths(args)
     try:
-        written = export(db_path, args.format, args.output)
+        with _progress(f"tables exported ({args.format})", args.json) as update:
+            written = export(
+                db_path, args.format, args.output, on_table=lambda _, n, of: update(n, of)
+            )
     except ExportError as exc:
         print(f"v2g: {exc}", file=sys.stderr)
         return EXIT_USAGE
+    if args.json:
+        _print_json(written)
+        return EXIT_OK
     for table, path in sorted(written.items()):
         print(f"{table:<16} {path}")
     return EXIT_OK
@@ -467,6 +488,7 @@ def build_parser() -> argparse.ArgumentParser:
     export = sub.add_parser("export", help="write telemetry, energy, revenue, degradation")
     export.add_argument("--format", choices=["csv", "parquet"], default="csv")
     export.add_argument("--output", default="export", help="folder (default ./export)")
+    export.add_argument("--json", action="store_true", help="machine-readable output")
     export.set_defaults(func=cmd_export)
 
     sql = sub.add_parser("sql", help="read-only SQL over the projections (see docs)")

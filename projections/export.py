@@ -18,6 +18,7 @@ degradation   wear and its cost per vehicle            vehicle_id
 from __future__ import annotations
 
 import os
+from collections.abc import Callable
 from typing import Literal
 
 import duckdb
@@ -43,7 +44,10 @@ class ExportError(Exception):
 
 
 def export(
-    db_path: str, fmt: Literal["csv", "parquet"] = "csv", output_dir: str = "export"
+    db_path: str,
+    fmt: Literal["csv", "parquet"] = "csv",
+    output_dir: str = "export",
+    on_table: Callable[[str, int, int], None] | None = None,
 ) -> dict[str, str]:
     """Write telemetry, energy, revenue and degradation to ``output_dir``; returns the paths.
 
@@ -51,6 +55,8 @@ def export(
         db_path: the projection database (opened read-only).
         fmt: ``"csv"`` (header, comma, ISO timestamps, UTC) or ``"parquet"`` (zstd).
         output_dir: created if missing; existing files of the same names are replaced.
+        on_table: called as ``on_table(name, done, total)`` after each table is
+            written (progress bars).
 
     Raises:
         ExportError: unknown format, no database at ``db_path``, or a table missing.
@@ -78,6 +84,8 @@ def export(
                 quoted = path.replace("'", "''")
                 con.execute(f"COPY ({query}) TO '{quoted}' ({options})")
                 paths[name] = path
+                if on_table is not None:
+                    on_table(name, len(paths), len(EXPORT_TABLES))
     except duckdb.Error as exc:
         raise ExportError(f"export failed: {exc}") from None
     return paths

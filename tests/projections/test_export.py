@@ -45,3 +45,14 @@ def test_bad_format_and_missing_database(tmp_path: object, db: str) -> None:
         export(db, "xlsx", str(tmp_path))  # type: ignore[arg-type]
     with pytest.raises(ExportError, match="run a replay"):
         export(db + ".nope", "csv", str(tmp_path))
+
+
+def test_each_table_written_is_reported_for_progress(db: str, tmp_path: object) -> None:
+    reported: list[tuple[str, int, int]] = []
+    export(db, "csv", os.path.join(str(tmp_path), "csv"), on_table=lambda *t: reported.append(t))
+    assert reported == [
+        ("telemetry", 1, 4),
+        ("energy", 2, 4),
+        ("revenue", 3, 4),
+        ("degradation", 4, 4),
+    ]

@@ -68,3 +68,25 @@ def test_verify_passes_on_a_faithful_database_and_names_an_edited_table(tmp_path
         )
     report = verify(root, db)
     assert not report.ok and report.differing_tables == ["revenue"]
+
+
+def test_a_replay_with_progress_runs_in_windows_and_gives_the_same_tables(
+    tmp_path: object,
+) -> None:
+    tmp = str(tmp_path)
+    root = os.path.join(tmp, "log")
+    build_story(root)
+    whole = os.path.join(tmp, "whole.duckdb")
+    positions = replay(root, whole)
+    seen: list[tuple[int, int]] = []
+    windowed = os.path.join(tmp, "windowed.duckdb")
+    # windows of 3 positions: the story's events are applied in several rounds
+    assert replay(root, windowed, on_progress=lambda *p: seen.append(p), window_events=3) == (
+        positions
+    )
+    total = seen[-1][1]
+    assert seen[0] == (0, total) and seen[-1] == (total, total)
+    assert len(seen) > 3 and [d for d, _ in seen] == sorted({d for d, _ in seen})
+    assert table_hashes(whole, os.path.join(tmp, "a")) == table_hashes(
+        windowed, os.path.join(tmp, "b")
+    )
