@@ -18,6 +18,7 @@ from actors.dispatch import (
     SitePolicy,
     VehicleView,
     allocate,
+    arm_response,
     decide,
     discharge_order,
     droop_export_kw,
@@ -225,6 +226,40 @@ def test_frequency_response_is_split_in_proportion_to_headroom():
     # headroom 11 and 5 kW: 8 kW is half of 16, so each gives half its headroom
     assert new["a"] == pytest.approx(-5.5, rel=1e-5)
     assert new["b"] == pytest.approx(-2.5, rel=1e-5)
+
+
+limits = st.floats(min_value=0.0, max_value=22.0)
+rooms = st.floats(min_value=0.0, max_value=80.0)
+
+
+@settings(max_examples=200, deadline=None)
+@hyp_given(
+    vehicles=st.lists(
+        st.tuples(st.floats(min_value=-22.0, max_value=22.0), limits, rooms, limits, rooms),
+        min_size=1,
+        max_size=12,
+    ),
+    export_kw=st.floats(min_value=-200.0, max_value=200.0),
+    hours=st.floats(min_value=1e-4, max_value=1.0),
+)
+def test_the_armed_response_splits_exactly_as_split_by_headroom(vehicles, export_kw, hours):
+    views, base = {}, {}
+    for i, (base_kw, max_charge, charge_room, max_discharge, discharge_room) in enumerate(vehicles):
+        vid = f"v{i:02d}"
+        views[vid] = view(
+            vid,
+            max_charge_kw=max_charge,
+            charge_room_kwh=charge_room,
+            max_discharge_kw=max_discharge,
+            discharge_room_kwh=discharge_room,
+        )
+        base[vid] = base_kw
+    expected = split_by_headroom(export_kw, base, views, hours)
+    armed = arm_response(base, views)
+    got = dict(zip(armed.vehicle_ids, armed.split(export_kw, hours).tolist(), strict=True))
+    assert got.keys() == expected.keys()
+    for vid, power_kw in expected.items():
+        assert got[vid] == pytest.approx(power_kw, rel=1e-9, abs=1e-9)
 
 
 def test_discharge_moves_off_a_transformer_near_its_limit():
@@ -451,6 +486,30 @@ def test_a_frequency_dip_exports_more_by_droop_through_the_vehicles(site):
     assert exported == pytest.approx(expected, rel=1e-4)
     issued = [c for c in decision.dispatch if type(c).__name__ == "IssueFrequencyResponse"]
     assert issued[0].export_kw == pytest.approx(expected, rel=1e-4)
+
+
+def test_regulation_energy_is_booked_per_vehicle_at_the_tick_not_per_frequency_event(site):
+    site.prices([50.0] * 24)
+    site.act(site.policy.tick(t(1)))
+    dip = site.policy.on_grid_signal(t(1.1), 49.8)
+    site.act(dip)
+    extra_kw = {v: -site.vehicle(v).setpoint.power_kw for v in site.ids}  # idle base: 0 kW
+    # the next event ends the dip's response: its energy waits for the tick
+    back = site.policy.on_grid_signal(t(1.4), 50.0)
+    assert all(r.ok for r in site.act(back))
+    for decision in (dip, back):
+        assert not [c for c in decision.dispatch if type(c).__name__ == "RecordRegulationEnergy"]
+    assert all(site.vehicle(v).setpoint.power_kw == 0 for v in site.ids)
+    tick = site.policy.tick(t(2))
+    booked = [c for c in tick.dispatch if type(c).__name__ == "RecordRegulationEnergy"]
+    assert sorted(c.vehicle_id for c in booked) == sorted(site.ids)
+    for command in booked:  # 0.3 minutes at the extra export
+        assert command.energy_kwh == pytest.approx(extra_kw[command.vehicle_id] * 0.3 / 60)
+        assert command.price_eur_per_mwh == 50.0 and command.interval_start == t(1.1)
+    assert all(r.status == "recorded" for r in site.act(tick))
+    assert not [
+        c for c in site.policy.tick(t(3)).dispatch if type(c).__name__ == "RecordRegulationEnergy"
+    ]
 
 
 def test_over_frequency_alert_throttles_discharge_to_zero(site):
