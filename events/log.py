@@ -24,9 +24,11 @@ never skips an event that appears later.
 from __future__ import annotations
 
 import bisect
+import hashlib
 import json
 import os
 import queue
+import struct
 import threading
 from collections.abc import Callable, Iterator, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
@@ -46,7 +48,7 @@ from events.schema import (
     PENDING_SCHEMA,
     RECORD_SCHEMA,
     PendingBatchBuilder,
-    chained_hash,
+    pending_bodies,
     stream_hash,
 )
 from events.typed import write_typed
@@ -54,6 +56,7 @@ from events.wal import encode_frame, fsync_dir, scan
 
 _FORMAT = 1
 _COUNT_BITS = 20  # command index packs (first position, event count) in one int
+_POSITION = struct.Struct("<q")  # a position in the hash chain's input (as chained_hash)
 
 
 class LogError(Exception):
@@ -160,6 +163,8 @@ class BatchOutcome(Sequence[AppendOutcome]):
             yield first, count, dup, conflicts.get(i) if conflicts else None
 
     def __getitem__(self, i: int) -> AppendOutcome:  # type: ignore[override]
+        if i < 0:  # conflicts are keyed by the non-negative index
+            i += len(self._commands)
         conflict = self._conflicts.get(i)
         if conflict is not None:
             return ConcurrencyError(self._streams[i], *conflict)
@@ -425,15 +430,15 @@ class EventLog:
             if fast:
                 # every row is a new one-event command on its own stream, each stream
                 # at the version it expects: the common case, judged without a loop
-                positions = range(position, position + n)
-                packed = [(p << _COUNT_BITS) | 1 for p in positions]
+                numbered = np.arange(position, position + n, dtype=np.int64)
+                packed = ((numbered << _COUNT_BITS) | 1).tolist()
                 new_commands.update(zip(cmd_ids, packed, strict=True))
                 versions.update(zip(stream_ids, stream_versions, strict=True))
                 outcomes.append(
-                    BatchOutcome(cmd_ids, stream_ids, list(positions), [1] * n, [False] * n)
+                    BatchOutcome(cmd_ids, stream_ids, numbered.tolist(), [1] * n, [False] * n)
                 )
                 accepted_tables.append(pa.Table.from_batches([batch]))
-                accepted_positions.append(np.arange(position, position + n, dtype=np.int64))
+                accepted_positions.append(numbered)
                 position += n
                 continue
             results = BatchOutcome()
@@ -523,38 +528,60 @@ class EventLog:
 
     def _write(self, tables: list[pa.Table], positions: list[np.ndarray]) -> None:
         pending = pa.concat_tables(tables) if len(tables) > 1 else tables[0]
+        if pending.num_rows == 0:
+            return
         pos = np.concatenate(positions)
+        bodies = pending_bodies(pending)  # one Arrow kernel for the round
         part_of_row = pending.column("stream_hash").to_numpy() % self.partition_count
+        # One stable reordering by partition, then zero-copy slices: rather than one
+        # gather per partition. Stable, so each partition keeps position order.
+        if self.partition_count > 1:
+            order = np.argsort(part_of_row, kind="stable")
+            indices = pa.array(order)
+            pending = pending.take(indices)
+            bodies = bodies.take(indices)
+            pos = pos[order]
+        rows = pending.combine_chunks().to_batches()[0]
+        counts = np.bincount(part_of_row, minlength=self.partition_count).tolist()
         frames: list[tuple[_Partition, pa.RecordBatch]] = []
-        for part in self._parts:
-            rows = np.flatnonzero(part_of_row == part.index)
-            if rows.size == 0:
-                continue
-            sub = pending.take(pa.array(rows)) if rows.size != pending.num_rows else pending
-            frames.append((part, self._records(part, sub, pos[rows])))
+        start = 0
+        for part, count in zip(self._parts, counts, strict=True):
+            if count:
+                end = start + count
+                records = self._records(
+                    part, rows.slice(start, count), bodies.slice(start, count), pos[start:end]
+                )
+                frames.append((part, records))
+                start = end
         writes = [self._io.submit(self._append_frame, part, batch) for part, batch in frames]
         for w in writes:
             w.result()
         for part, batch in frames:
             wal = part.active
+            last_position = batch.column("position")[-1].as_py()
             wal.batches.append(batch)
-            wal.ends.append(batch.column("position")[-1].as_py())
+            wal.ends.append(last_position)
             wal.rows += batch.num_rows
-            wal.last_position = batch.column("position")[-1].as_py()
+            wal.last_position = last_position
             part.last_hash = batch.column("hash")[-1].as_py()
             if wal.rows >= self.seal_events:
                 self._rotate(part)
 
     def _records(
-        self, part: _Partition, pending: pa.Table, positions: np.ndarray
+        self, part: _Partition, pending: pa.RecordBatch, bodies: pa.Array, positions: np.ndarray
     ) -> pa.RecordBatch:
-        bodies = pending.column("body").to_pylist()
-        n = pending.num_rows
+        # The hash chain is sequential by nature (~0.6 µs an event): the loop keeps
+        # to local names and packs positions with a prepared struct, computing
+        # what `chained_hash` computes (the verifier uses that one).
+        sha256 = hashlib.sha256
+        pack = _POSITION.pack
         hashes: list[bytes] = []
+        append = hashes.append
         h = part.last_hash
-        for p, body in zip(positions.tolist(), bodies, strict=True):
-            h = chained_hash(h, p, body)  # sequential by nature: ~0.9 µs an event
-            hashes.append(h)
+        for p, body in zip(positions.tolist(), bodies.to_pylist(), strict=True):
+            h = sha256(h + pack(p) + body).digest()
+            append(h)
+        n = len(hashes)
         prev_hashes = [part.last_hash, *hashes[:-1]]
         columns = {
             "position": pa.array(positions, pa.int64()),
@@ -563,8 +590,7 @@ class EventLog:
             "hash": pa.array(hashes, pa.binary(HASH_BYTES)),
         }
         arrays = [
-            columns[f.name] if f.name in columns else pending.column(f.name).combine_chunks()
-            for f in RECORD_SCHEMA
+            columns[f.name] if f.name in columns else pending.column(f.name) for f in RECORD_SCHEMA
         ]
         return pa.RecordBatch.from_arrays(arrays, schema=RECORD_SCHEMA)
 
