@@ -224,7 +224,8 @@ class EntityHost:
         if appended:
             if traced:
                 with tracer.start_as_current_span(
-                    "log.append",
+                    "log.append",  # in the first traced command's trace, linked to each one's
+                    context=trace.set_span_in_context(trace.NonRecordingSpan(traced[0])),
                     links=[trace.Link(c) for c in traced],
                     attributes={"events": len(builder)},
                 ):

@@ -13,7 +13,7 @@ data_dir = "var"         # the log, snapshots and projections live here
 vehicle = 2
 
 [telemetry]
-exporter = "none"        # none | console | otlp | prometheus
+exporter = "none"        # none | console | otlp | prometheus | file
 
 [projections]
 follow = true            # keep <data_dir>/projections.duckdb current
@@ -42,6 +42,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 from cluster.device_config import DeviceConfig
 from cluster.runtime import RuntimeConfig
+from cluster.tracing import TelemetrySettings
 
 ENV_PREFIX = "V2G__"
 
@@ -65,9 +66,10 @@ class SystemSection(_Section):
 
 
 class TelemetrySection(_Section):
-    exporter: Literal["none", "console", "otlp", "prometheus"] = "none"
+    exporter: Literal["none", "console", "otlp", "prometheus", "file"] = "none"
     otlp_endpoint: str | None = None
     prometheus_port: int = Field(default=9464, ge=1, le=65535)
+    file_dir: str | None = None  # "file": default <data_dir>/traces
 
 
 class ProjectionsSection(_Section):
@@ -94,6 +96,10 @@ class ServeConfig(_Section):
             num_cpus=s.num_cpus,
             address=address,
             log_resources=dict(s.log_resources),
+            telemetry=TelemetrySettings(
+                **self.telemetry.model_dump(exclude={"file_dir"}),
+                file_dir=self.telemetry.file_dir or os.path.join(data_dir or s.data_dir, "traces"),
+            ),
         )
 
     def dispatcher_commands(self) -> list[Any]:

@@ -131,7 +131,7 @@ class SiteDispatcher:
         commands: list[Command] = [*decision.dispatch, *decision.vehicle]
         if self._cause and commands:  # the decision continues the trace of what caused it
             cause, self._cause = self._cause, ""
-            with continued(cause, "dispatch.decide", {"site_id": self.policy.site_id}) as span:
+            with continued(cause, "dispatcher.decision", {"site_id": self.policy.site_id}) as span:
                 traceparent = handed_on(span, cause)
             commands = [c.model_copy(update={"traceparent": traceparent}) for c in commands]
         return self.send(commands)

@@ -68,7 +68,7 @@ from actors.gateways.ocpp_csms import (
 from actors.gateways.register_map import InverterRegisterMap, WriteRefused
 from actors.gateways.sink import CommandSink
 from actors.inverter import RegisterInverter
-from actors.tracing import traceparent_in
+from actors.tracing import continued, handed_on, traceparent_in
 from actors.vehicle import EnforceSafeState, PlanTrip, ReportTelemetry
 from cluster.device_config import DeviceConfig, fingerprint
 from cluster.runtime import NAMESPACE, Runtime, RuntimeConfig, RuntimeSink, tune_gc
@@ -874,7 +874,7 @@ class SetpointRelay:
                 continue
             gateway = self._devices.gateway_of(call.station_id)
             by_gateway.setdefault(gateway, []).append(
-                (call.station_id, call.evse_id, call.power_kw, call.valid_until, call.traceparent)
+                (call.station_id, call.evse_id, call.power_kw, call.valid_until, _relayed(call))
             )
         by_site: dict[str, list[tuple[str, float, str]]] = {}
         for inv in inverters.values():
@@ -930,6 +930,15 @@ class SetpointRelay:
         self._task.cancel()
         with contextlib.suppress(asyncio.CancelledError, Exception):
             await self._task
+
+
+def _relayed(call: ChargerCall) -> str:
+    """The trace the gateway continues: a relay span under the setpoint event's context."""
+    if not call.traceparent:
+        return ""
+    attributes = {"station_id": call.station_id, "evse_id": call.evse_id, "power_kw": call.power_kw}
+    with continued(call.traceparent, "relay.setpoint", attributes) as span:
+        return handed_on(span, call.traceparent)
 
 
 @functools.cache

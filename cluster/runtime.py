@@ -23,6 +23,7 @@ import ray
 
 from actors.decider import CommandResult, Decider
 from actors.host import EntityHost, Shard
+from cluster.tracing import TelemetrySettings
 from events.base import Command
 from events.log import Appended, BatchOutcome, EventLog
 from events.schema import stream_hash
@@ -211,6 +212,8 @@ class RuntimeConfig:
     # Where the log actor may run: on a cluster, the node that holds (or mounts) the
     # log's storage advertises a custom resource, e.g. {"v2g-log": 1}.
     log_resources: dict[str, float] = field(default_factory=dict)
+    # where every actor process of this system sends its spans and metrics
+    telemetry: TelemetrySettings = field(default_factory=TelemetrySettings)
 
     @property
     def log_dir(self) -> str:
@@ -242,8 +245,15 @@ class Runtime:
 
     def start(self) -> Runtime:
         if not ray.is_initialized():
+            # the job's actors configure telemetry as their process starts
+            runtime_env = self.config.telemetry.runtime_env() or None
             if self.config.address:
-                ray.init(address=self.config.address, namespace=NAMESPACE, log_to_driver=False)
+                ray.init(
+                    address=self.config.address,
+                    namespace=NAMESPACE,
+                    log_to_driver=False,
+                    runtime_env=runtime_env,
+                )
             else:
                 ray.init(
                     address="local",  # a new local Ray, never someone else's running one
@@ -251,6 +261,7 @@ class Runtime:
                     include_dashboard=False,
                     namespace=NAMESPACE,
                     log_to_driver=False,
+                    runtime_env=runtime_env,
                 )
         log_root = os.path.abspath(self.config.log_dir)
         self._log = (

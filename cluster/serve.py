@@ -110,13 +110,7 @@ def start(config: ServeConfig, runtime_config: RuntimeConfig) -> Serving:
 def serve_forever(
     config: ServeConfig, runtime_config: RuntimeConfig, say: Callable[[str], None]
 ) -> int:
-    from cluster.tracing import configure
-
-    configure(
-        config.telemetry.exporter,
-        otlp_endpoint=config.telemetry.otlp_endpoint,
-        prometheus_port=config.telemetry.prometheus_port,
-    )
+    runtime_config.telemetry.configure()  # this process; the actors configure themselves
     done = threading.Event()
     for sig in (signal.SIGINT, signal.SIGTERM):
         signal.signal(sig, lambda *_: done.set())
