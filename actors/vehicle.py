@@ -25,7 +25,9 @@ temperature; V2G export is the optional load we add, so that is what we derate.
 from __future__ import annotations
 
 import math
-from datetime import datetime
+from datetime import UTC, datetime, timedelta
+from functools import cache
+from operator import itemgetter
 from typing import Annotated, Any, TypeVar
 
 from pydantic import AwareDatetime, BaseModel, ConfigDict, Field, model_validator
@@ -82,6 +84,49 @@ class _VehicleCommand(Command):
     @property
     def stream_id(self) -> str:
         return f"vehicle-{self.vehicle_id}"
+
+    def __reduce__(self) -> tuple[Any, tuple[Any, ...]]:
+        # Commands cross Ray a thousand at a time. Pydantic's default pickling (a
+        # state dict, each datetime an object of its own that Ray's pickler sends
+        # through Python hooks) cost ~6 µs a command to send and ~3 µs to receive.
+        # Sent as a tuple of plain values, UTC times as integer microseconds, it
+        # stays in pickle's C code; nothing is validated again on arrival, exactly
+        # as with pydantic's own unpickling.
+        cls = type(self)
+        values = list(itemgetter(*_field_names(cls))(self.__dict__))
+        utc_mask = 0
+        for i, value in enumerate(values):
+            if type(value) is datetime and value.tzinfo is UTC and not value.fold:
+                values[i] = (value - _EPOCH) // _ONE_US
+                utc_mask |= 1 << i
+        fields_set = tuple(self.__pydantic_fields_set__)
+        return (_unpickle_command, (cls, tuple(values), utc_mask, fields_set))
+
+
+_EPOCH = datetime(1970, 1, 1, tzinfo=UTC)
+_ONE_US = timedelta(microseconds=1)
+
+
+@cache
+def _field_names(cls: type[_VehicleCommand]) -> tuple[str, ...]:
+    return tuple(cls.model_fields)
+
+
+def _unpickle_command(
+    cls: type[_VehicleCommand],
+    values: tuple[Any, ...],
+    utc_mask: int,
+    fields_set: tuple[str, ...],
+) -> _VehicleCommand:
+    names = _field_names(cls)
+    fields = dict(zip(names, values, strict=True))
+    if utc_mask:
+        for i, name in enumerate(names):
+            if utc_mask >> i & 1:
+                fields[name] = _EPOCH + _ONE_US * values[i]
+    command = _trusted(cls, fields)
+    _set(command, "__pydantic_fields_set__", set(fields_set))
+    return command
 
 
 class RegisterVehicle(_VehicleCommand):

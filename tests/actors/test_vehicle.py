@@ -889,3 +889,47 @@ def test_helpers_without_telemetry_offer_nothing() -> None:
 
     assert available_discharge_kwh(state, T0) == 0.0
     assert available_charge_kwh(state, T0) == 0.0
+
+
+def test_commands_survive_pickling_as_they_were() -> None:
+    # Vehicle commands pickle as plain values (they cross Ray a thousand at a time);
+    # what arrives must be the same command, down to which fields were given.
+    import pickle
+
+    import ray.cloudpickle
+
+    plus_two = timezone(timedelta(hours=2))
+    commands = [
+        command(ReportTelemetry, 3, measured_at=t(2), soc=0.5, battery_temp_c=20, soh=0.9),
+        command(
+            ReportTelemetry,
+            3,
+            measured_at=t(2).astimezone(plus_two),
+            soc=0.5,
+            battery_temp_c=20,
+            soh=0.9,
+            source="mqtt",
+        ),
+        command(RequestSetpoint, 1, controller_id="d", power_kw=-5, valid_until=t(30)),
+        command(EnforceSafeState, reason="e-stop"),
+        RegisterVehicle(
+            command_id="r",
+            issued_at=datetime(2025, 1, 6, 17, 0, fold=1, tzinfo=UTC),
+            vehicle_id=VID,
+            model="Volkswagen ID.4",
+            site_id="depot",
+        ),
+    ]
+    for dumps in (pickle.dumps, ray.cloudpickle.dumps):
+        for sent in commands:
+            arrived = pickle.loads(dumps(sent))
+            assert type(arrived) is type(sent) and arrived == sent
+            assert arrived.model_fields_set == sent.model_fields_set
+            assert arrived.model_dump_json() == sent.model_dump_json()
+            assert arrived.model_dump_json(exclude_unset=True) == sent.model_dump_json(
+                exclude_unset=True
+            )
+            assert [type(v) for v in arrived.__dict__.values()] == [
+                type(v) for v in sent.__dict__.values()
+            ]
+            assert arrived.issued_at.tzinfo == sent.issued_at.tzinfo
