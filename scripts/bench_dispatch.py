@@ -7,6 +7,10 @@ Progress goes to stderr; the last line is one JSON object:
   From a grid-frequency event entering the system (the call to the site dispatcher
   actor) to every vehicle's `RequestSetpoint` accepted by the hosts (appended to the
   log, fsynced) and the answer back; each event moves all 1,000 setpoints.
+  Afterwards the log is read back: `freq_response_setpoints_durable_min` is the
+  fewest setpoint events (accepted, curtailed or refused by the vehicle, each a
+  durable answer) any frequency decision has in the log (1,000 expected), and
+  `freq_response_setpoints_refused` how many of them the vehicles refused.
 - backtest_revenue_eur, violations: `cluster.backtest.run_backtest` over 2 days of
   the shipped 2024 NL prices with 20 vehicles on 2 sites (violations counted from the
   log, expected 0).
@@ -22,7 +26,9 @@ import statistics
 import sys
 import tempfile
 import time
+from collections import Counter
 from datetime import UTC, datetime, timedelta
+from typing import Any
 
 import ray
 
@@ -44,6 +50,37 @@ from scripts.bench_dispatch_plan import (
 
 def say(text: str) -> None:
     print(text, file=sys.stderr, flush=True)
+
+
+_SETPOINT_EVENTS = frozenset(
+    {"VehicleSetpointAccepted", "VehicleSetpointCurtailed", "VehicleSetpointRejected"}
+)
+
+
+def durable_setpoints(log: Any, after_position: int, controller_id: str) -> tuple[int, int, int]:
+    """Read back what the frequency decisions after `after_position` left in the log.
+
+    Returns (frequency decisions, the fewest setpoint events one of them has, refusals
+    among them). A decision's vehicle commands are `<controller_id>:<seq>:<vehicle>`.
+    """
+    columns = ["command_id", "type", "payload"]
+    table = ray.get(log.read_all.remote(after_position + 1, None, columns))
+    rows = table.to_pylist()
+    seqs = {
+        str(json.loads(r["payload"])["decision_seq"])
+        for r in rows
+        if r["type"] == "FrequencyResponseIssued"
+    }
+    per_decision: Counter[str] = Counter()
+    refused = 0
+    for r in rows:
+        if r["type"] not in _SETPOINT_EVENTS:
+            continue
+        owner, seq, _ = r["command_id"].split(":", 2)
+        if owner == controller_id and seq in seqs:
+            per_decision[seq] += 1
+            refused += r["type"] == "VehicleSetpointRejected"
+    return len(seqs), min((per_decision[s] for s in seqs), default=0), refused
 
 
 def frequency_response(data_dir: str, vehicles: int = 1000, events: int = 200) -> dict[str, float]:
@@ -111,6 +148,7 @@ def frequency_response(data_dir: str, vehicles: int = 1000, events: int = 200) -
         site = handles["bench"]
         ray.get(site.tick.remote())
         say(f"frequency: {vehicles} vehicles leased, {ray.get(site.status.remote())}")
+        after_position = ray.get(client.runtime.log.watermark.remote())
         latencies_ms = []
         moved = []
         for k in range(events):
@@ -122,6 +160,13 @@ def frequency_response(data_dir: str, vehicles: int = 1000, events: int = 200) -
             latencies_ms.append((time.perf_counter() - start) * 1000)
             moved.append(accepted)
         stop_all(handles)
+        decisions, durable_min, refused = durable_setpoints(
+            client.runtime.log, after_position, "dispatch-bench"
+        )
+        say(
+            f"frequency: {decisions} frequency decisions in the log, each with at least "
+            f"{durable_min} setpoint events ({refused} refused by the vehicles)"
+        )
         latencies_ms.sort()
         p99 = latencies_ms[int(0.99 * (len(latencies_ms) - 1))]
         say(
@@ -132,6 +177,8 @@ def frequency_response(data_dir: str, vehicles: int = 1000, events: int = 200) -
             "freq_response_p50_ms": round(statistics.median(latencies_ms), 2),
             "freq_response_p99_ms": round(p99, 2),
             "freq_response_setpoints_min": min(moved),
+            "freq_response_setpoints_durable_min": durable_min,
+            "freq_response_setpoints_refused": refused,
         }
     finally:
         client.close()
