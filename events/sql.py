@@ -4,6 +4,12 @@ Sealed segments are Parquet files DuckDB scans itself; the unsealed tail is hand
 over as an Arrow table (zero-copy). The view `events` has the columns of
 `events.schema.RECORD_SCHEMA`.
 
+Segments sealed with typed payload columns (:mod:`events.typed`) are also offered
+per event type: :func:`typed_sources` gives, for the connection a view was attached
+to, each type's typed files and the view ``<view>_json`` of the events no typed file
+holds (segments sealed without them, and the unsealed tail), so a reader parses JSON
+only for those.
+
 :func:`attach_log` reads the folder afresh on every call. A reader that polls (the
 projection runner) keeps a :class:`LogView` instead: it remembers, per write-ahead
 file, how many bytes it has already decoded, so each poll reads only the frames
@@ -21,38 +27,92 @@ import duckdb
 import pyarrow as pa
 import pyarrow.compute as pc
 
-from events.reader import list_partitions
+from events.reader import SegmentInfo, list_partitions
 from events.schema import RECORD_SCHEMA
+from events.typed import TypedFile, TypedIndex, read_index
 from events.wal import decode_frames, scan
 
-__all__ = ["LogView", "attach_log", "read_frames"]
+__all__ = ["LogView", "TypedSources", "attach_log", "forget_typed", "read_frames", "typed_sources"]
+
+
+@dataclass(frozen=True)
+class TypedSources:
+    """What a view's sealed segments offer as typed columns (see :mod:`events.typed`).
+
+    ``files``: per event type, its typed files. ``json_view``: the events of segments
+    without typed files plus the unsealed tail. ``untyped``: per event type, segments
+    that have typed files but none for this type (its payloads are read from them).
+    """
+
+    view: str
+    json_view: str
+    files: dict[str, list[TypedFile]]
+    untyped: dict[str, list[str]]
+
+
+# By connection id: the typed sources of the view last attached to it.
+_TYPED: dict[int, TypedSources] = {}
+
+
+def typed_sources(con: duckdb.DuckDBPyConnection) -> TypedSources | None:
+    """The typed sources of the view last attached to ``con`` by this module."""
+    return _TYPED.get(id(con))
+
+
+def forget_typed(con: duckdb.DuckDBPyConnection) -> None:
+    """Drop what :func:`typed_sources` knows of ``con`` (call it when closing ``con``)."""
+    _TYPED.pop(id(con), None)
 
 
 def attach_log(con: duckdb.DuckDBPyConnection, root: str, view: str = "events") -> None:
     """Create (or replace) the view `view` over the log folder `root` as it is now."""
-    parquet: list[str] = []
+    segments: list[tuple[SegmentInfo, TypedIndex | None]] = []
     tail: list[pa.RecordBatch] = []
     for part in list_partitions(root):
-        parquet.extend(s.path for s in part.segments)
+        segments.extend((s, _index(s)) for s in part.segments)
         sealed = part.segments[-1].last_position if part.segments else 0
         for path in part.wal_paths:
             for batch in scan(path).batches:
                 kept = batch.filter(pc.greater(batch.column("position"), sealed))
                 if kept.num_rows:
                     tail.append(kept)
-    _create_view(con, view, parquet, tail)
+    _create_view(con, view, segments, tail)
+
+
+def _index(segment: SegmentInfo) -> TypedIndex | None:
+    return read_index(segment.path, segment.first_position, segment.last_position)
+
+
+def _parquet(paths: list[str]) -> str:
+    return "read_parquet([" + ", ".join("'" + p.replace("'", "''") + "'" for p in paths) + "])"
 
 
 def _create_view(
-    con: duckdb.DuckDBPyConnection, view: str, parquet: list[str], tail: list[pa.RecordBatch]
+    con: duckdb.DuckDBPyConnection,
+    view: str,
+    segments: list[tuple[SegmentInfo, TypedIndex | None]],
+    tail: list[pa.RecordBatch],
 ) -> None:
     tail_table = pa.Table.from_batches(tail, RECORD_SCHEMA)
     con.register(f"{view}_tail", tail_table)
-    selects = [f"SELECT * FROM {view}_tail"]
-    if parquet:
-        files = ", ".join("'" + p.replace("'", "''") + "'" for p in parquet)
-        selects.insert(0, f"SELECT * FROM read_parquet([{files}])")
-    con.execute(f"CREATE OR REPLACE TEMP VIEW {view} AS " + " UNION ALL BY NAME ".join(selects))
+    tail_select = f"SELECT * FROM {view}_tail"
+    every = [s.path for s, _ in segments]
+    plain = [s.path for s, index in segments if index is None]
+    files: dict[str, list[TypedFile]] = {}
+    untyped: dict[str, list[str]] = {}
+    for seg, index in segments:
+        if index is None:
+            continue
+        for typ, tf in index.files.items():
+            files.setdefault(typ, []).append(tf)
+        for typ in index.untyped:
+            untyped.setdefault(typ, []).append(seg.path)
+    for name, paths in ((view, every), (f"{view}_json", plain)):
+        selects = [tail_select]
+        if paths:
+            selects.insert(0, f"SELECT * FROM {_parquet(paths)}")
+        con.execute(f"CREATE OR REPLACE TEMP VIEW {name} AS " + " UNION ALL BY NAME ".join(selects))
+    _TYPED[id(con)] = TypedSources(view, f"{view}_json", files, untyped)
 
 
 def read_frames(
@@ -103,6 +163,9 @@ class LogView:
     def __init__(self, root: str) -> None:
         self.root = root
         self._wals: dict[str, _WalTail] = {}
+        # sealed segments never change (the hash names the content, should the folder be
+        # recreated under the same paths)
+        self._indexes: dict[tuple[str, bytes], TypedIndex | None] = {}
         self._lock = threading.Lock()  # one view may serve several connections
 
     def attach(self, con: duckdb.DuckDBPyConnection, view: str = "events", after: int = 0) -> None:
@@ -113,16 +176,23 @@ class LogView:
         that end at or before ``after``.
         """
         with self._lock:
-            parquet, tail = self._current(after)
-        _create_view(con, view, parquet, tail)
+            segments, tail = self._current(after)
+        _create_view(con, view, segments, tail)
 
-    def _current(self, after: int) -> tuple[list[str], list[pa.RecordBatch]]:
-        parquet: list[str] = []
+    def _current(
+        self, after: int
+    ) -> tuple[list[tuple[SegmentInfo, TypedIndex | None]], list[pa.RecordBatch]]:
+        segments: list[tuple[SegmentInfo, TypedIndex | None]] = []
         tail: list[pa.RecordBatch] = []
         for part in list_partitions(self.root):
             folder = os.path.join(self.root, f"partition-{part.index:02d}")
             sealed = part.segments[-1].last_position if part.segments else 0
-            parquet.extend(s.path for s in part.segments if s.last_position > after)
+            for s in part.segments:
+                if s.last_position > after:
+                    key = (s.path, s.last_hash)
+                    if key not in self._indexes:
+                        self._indexes[key] = _index(s)
+                    segments.append((s, self._indexes[key]))
             for path in part.wal_paths:
                 tail.extend(self._read(path, sealed, after))
             # A write-ahead file sealed after the manifest was read is already gone
@@ -134,7 +204,7 @@ class LogView:
                     del self._wals[path]
                 else:
                     tail.extend(_keep(cached.batches, max(sealed, after)))
-        return parquet, tail
+        return segments, tail
 
     def _read(self, path: str, sealed: int, after: int) -> list[pa.RecordBatch]:
         cached = self._wals.setdefault(path, _WalTail())

@@ -8,7 +8,10 @@ partition in order:
   increase, means an event before this one is missing or the order was changed;
 - a `hash` that does not match the recomputed one means this event was altered;
 - a sealed segment whose last hash or count differs from the manifest means a
-  segment was replaced or cut.
+  segment was replaced or cut;
+- a segment's typed payload columns (:mod:`events.typed`) that differ from what its
+  JSON payloads say mean a typed file was altered (readers would see other values
+  than the chain covers).
 
 The report names the first such event. Deleting the newest, unsealed events
 cannot be told from a crash by the chain alone; auditors record the head hashes
@@ -19,11 +22,13 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
+import duckdb
 import pyarrow as pa
 import pyarrow.compute as pc
 
 from events.reader import PartitionFiles, list_partitions, read_partition
 from events.schema import GENESIS_HASH, body_column, chained_hash
+from events.typed import check_typed
 
 
 @dataclass(frozen=True)
@@ -32,7 +37,7 @@ class Problem:
     position: int
     stream_id: str
     stream_version: int
-    kind: str  # "altered" | "missing or reordered" | "segment mismatch"
+    kind: str  # "altered" | "missing or reordered" | "segment mismatch" | "typed mismatch"
     detail: str
 
     def __str__(self) -> str:
@@ -60,6 +65,8 @@ def verify_log(root: str) -> VerifyReport:
         problem = _check_chain(part.index, table)
         if problem is None:
             problem = _check_segments(part, table)
+        if problem is None:
+            problem = _check_typed(part)
         report.events_checked += table.num_rows
         if table.num_rows:
             report.heads[part.index] = table.column("hash")[-1].as_py().hex()
@@ -116,5 +123,19 @@ def _check_segments(part: PartitionFiles, table: pa.Table) -> Problem | None:
                 "segment mismatch",
                 f"{seg.path.rsplit('/', 1)[-1]} holds {rows.num_rows} events "
                 f"(manifest: {seg.count}) or ends on another hash",
+            )
+    return None
+
+
+def _check_typed(part: PartitionFiles) -> Problem | None:
+    for seg in part.segments:
+        try:
+            detail = check_typed(seg.path, seg.first_position, seg.last_position)
+        except (duckdb.Error, OSError, ValueError, KeyError) as exc:  # unreadable, torn
+            detail = f"typed files unreadable: {exc}"
+        if detail is not None:
+            name = seg.path.rsplit("/", 1)[-1]
+            return Problem(
+                part.index, seg.first_position, "", 0, "typed mismatch", f"{name}: {detail}"
             )
     return None

@@ -120,7 +120,7 @@ def _tel_rows() -> str:
     """The window's telemetry readings as rows of the ``telemetry`` table."""
     return f"""
         SELECT position, p.vehicle_id AS vehicle_id,
-               timezone('UTC', p.measured_at) AS measured_at, p.soc AS soc,
+               make_timestamp(epoch_us(p.measured_at)) AS measured_at, p.soc AS soc,
                p.battery_temp_c AS battery_temp_c, p.soh AS soh,
                coalesce(p.source, 'unrecorded') AS source  -- schema v1 had none
         FROM ({event_rows(["VehicleTelemetryReported"])})
@@ -196,7 +196,7 @@ class DegradationProjection:
             con,
             f"""
             INSERT OR REPLACE INTO degradation_vehicles
-            SELECT p.vehicle_id, position, p.site_id, p.model, timezone('UTC', p.at),
+            SELECT p.vehicle_id, position, p.site_id, p.model, make_timestamp(epoch_us(p.at)),
                    p.battery_capacity_kwh, p.discharge_throughput_budget_kwh,
                    p.charge_efficiency, p.discharge_efficiency
             FROM ({reg})
@@ -238,12 +238,12 @@ class DegradationProjection:
                        measured_at AS last_at
                 FROM {readings}
                 UNION ALL
-                SELECT p.vehicle_id, CAST(timezone('UTC', p.interval_start) AS DATE), 0,
+                SELECT p.vehicle_id, CAST(make_timestamp(epoch_us(p.interval_start)) AS DATE), 0,
                        NULL, NULL, 0, 0, NULL, 0, 0, p.charged_kwh, p.discharged_kwh,
                        CASE WHEN p.charged_kwh + p.discharged_kwh > 0 THEN
                            CAST(epoch(p.interval_end - p.interval_start) / 3600 AS {_KWH})
                        ELSE 0 END,
-                       timezone('UTC', p.interval_end)
+                       make_timestamp(epoch_us(p.interval_end))
                 FROM ({energy})
             )
             GROUP BY vehicle_id, day

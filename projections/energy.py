@@ -84,7 +84,8 @@ def split_vehicle_energy_sql() -> str:
     return f"""
         WITH rec AS (
             SELECT position, p.vehicle_id AS vehicle_id,
-                   timezone('UTC', p.interval_start) AS s, timezone('UTC', p.interval_end) AS e,
+                   make_timestamp(epoch_us(p.interval_start)) AS s,
+                   make_timestamp(epoch_us(p.interval_end)) AS e,
                    p.charged_kwh AS c, p.discharged_kwh AS d
             FROM ({records})
         ),
@@ -229,7 +230,7 @@ class EnergyProjection:
             f"""
             CREATE OR REPLACE TEMP TABLE _samples AS
             SELECT position, substr(stream_id, 9) AS charger_id, p.evse_id AS evse_id,
-                   timezone('UTC', p.sampled_at) AS sampled_at,
+                   make_timestamp(epoch_us(p.sampled_at)) AS sampled_at,
                    p.energy_import_kwh AS import_kwh, p.energy_export_kwh AS export_kwh
             FROM ({samples})
             WHERE p.energy_import_kwh IS NOT NULL OR p.energy_export_kwh IS NOT NULL
@@ -281,10 +282,11 @@ class EnergyProjection:
             con,
             f"""
             INSERT INTO energy_setpoint_facts
-            SELECT p.vehicle_id, position, 'setpoint', timezone('UTC', p.at), p.power_kw,
-                   timezone('UTC', p.valid_until) FROM ({accepted})
+            SELECT p.vehicle_id, position, 'setpoint', make_timestamp(epoch_us(p.at)), p.power_kw,
+                   make_timestamp(epoch_us(p.valid_until)) FROM ({accepted})
             UNION ALL
-            SELECT p.vehicle_id, position, 'end', timezone('UTC', p.at), NULL, NULL FROM ({ends})
+            SELECT p.vehicle_id, position, 'end', make_timestamp(epoch_us(p.at)), NULL, NULL
+            FROM ({ends})
             """,
             after,
             through,
@@ -300,7 +302,8 @@ class EnergyProjection:
             f"""
             INSERT INTO energy_setpoint_facts
             SELECT c.vehicle_id, c.position, 'curtail', c.starts_at, c.power_kw, s.valid_until
-            FROM (SELECT p.vehicle_id AS vehicle_id, position, timezone('UTC', p.at) AS starts_at,
+            FROM (SELECT p.vehicle_id AS vehicle_id, position,
+                         make_timestamp(epoch_us(p.at)) AS starts_at,
                          p.power_kw AS power_kw FROM ({curtailed})) c
             ASOF LEFT JOIN (SELECT * FROM energy_setpoint_facts WHERE kind = 'setpoint') s
                 ON s.vehicle_id = c.vehicle_id AND c.position > s.position

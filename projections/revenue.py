@@ -192,7 +192,7 @@ class RevenueProjection:
                        s + to_minutes(minutes) - INTERVAL 1 MICROSECOND,
                        {_BUCKET})) AS slot,
                    s AS interval_start, version, price, position
-            FROM (SELECT p.market_id AS market_id, timezone('UTC', p.interval_start) AS s,
+            FROM (SELECT p.market_id AS market_id, make_timestamp(epoch_us(p.interval_start)) AS s,
                          p.interval_minutes AS minutes, p.version AS version,
                          coalesce(p.new_price_eur_per_mwh, p.price_eur_per_mwh) AS price, position
                   FROM ({prices}))
@@ -215,7 +215,7 @@ class RevenueProjection:
             f"""
             INSERT INTO revenue_lines
             SELECT 'regulation_capacity', p.site_id, NULL, NULL,
-                   timezone('UTC', p.interval_start),
+                   make_timestamp(epoch_us(p.interval_start)),
                    CAST((p.up_kw + p.down_kw) / 1000 * p.interval_minutes / 60 AS {_DEC}), 'MW*h',
                    p.price_eur_per_mw_per_h, 'EUR/(MW*h)',
                    CAST((p.up_kw + p.down_kw) * p.price_eur_per_mw_per_h * p.interval_minutes
@@ -224,7 +224,7 @@ class RevenueProjection:
             FROM ({capacity})
             UNION ALL
             SELECT 'regulation_energy', p.site_id, p.vehicle_id, NULL,
-                   timezone('UTC', p.interval_start), p.energy_kwh, 'kWh',
+                   make_timestamp(epoch_us(p.interval_start)), p.energy_kwh, 'kWh',
                    p.price_eur_per_mwh, 'EUR/MWh',
                    CAST({_exact("p.energy_kwh")} * p.price_eur_per_mwh * {_PER_MILLE} AS {_DEC}),
                    position, position
@@ -242,8 +242,9 @@ class RevenueProjection:
             con,
             f"""
             INSERT INTO revenue_peak_facts
-            SELECT p.site_id, CAST(date_trunc('month', timezone('UTC', p.interval_start)) AS DATE),
-                   position, timezone('UTC', p.interval_start), p.avoided_peak_kw,
+            SELECT p.site_id,
+                   CAST(date_trunc('month', make_timestamp(epoch_us(p.interval_start))) AS DATE),
+                   position, make_timestamp(epoch_us(p.interval_start)), p.avoided_peak_kw,
                    p.demand_charge_eur_per_kw_month
             FROM ({peaks})
             """,

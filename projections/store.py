@@ -37,7 +37,9 @@ from typing import Protocol
 
 import duckdb
 
-from events.sql import LogView
+from events.base import UnknownEventType, event_class
+from events.sql import LogView, TypedSources, forget_typed, typed_sources
+from events.typed import COLUMN_PREFIX, TypedFile, json_structure, model_columns
 
 __all__ = [
     "DEFAULT_DB_NAME",
@@ -101,7 +103,8 @@ def event_rows(types: Sequence[str], fields: Sequence[str] | None = None) -> str
     ``reads`` for that type. Several types are read together through ``fields``: then
     ``p`` holds just those (each type must declare them), so the structs line up.
     Timestamps are declared as ``TIMESTAMPTZ`` and turned into naive UTC with
-    ``timezone('UTC', ...)``, so nothing depends on the session's time zone.
+    ``make_timestamp(epoch_us(...))`` (plain arithmetic, unlike ``timezone('UTC', ...)``,
+    which goes through the ICU calendar), so nothing depends on the session's time zone.
     """
     if fields is None and len(types) > 1:
         raise ProjectionError("reading several event types together needs `fields`")
@@ -160,6 +163,74 @@ def merged_reads(projections: Sequence[Projection]) -> dict[str, dict[str, str]]
                         f"another as {into[name]}"
                     )
     return merged
+
+
+def _reaches(model_type: str, declared: str) -> bool:
+    """Whether the payload is parsed as the model's type and then cast to the declared one.
+
+    Numbers are parsed as the model holds them (a float is a DOUBLE, then rounded to a
+    DECIMAL column's scale); a typed file (:mod:`events.typed`) holds the same DOUBLE,
+    so a log read from typed files and one read from JSON give the same values.
+    """
+    declared = declared.upper()
+    if model_type == declared or (model_type, declared) == ("BIGINT", "INTEGER"):
+        return True
+    exact = declared == "DOUBLE" or declared.startswith("DECIMAL")
+    return model_type in ("DOUBLE", "BIGINT") and exact
+
+
+@dataclass(frozen=True)
+class _Plan:
+    """How one event type's declared fields are staged.
+
+    ``model`` is set when every declared field is typed by the event model (or absent
+    from a model that never had another version: then no stored payload holds it and
+    it is NULL); such a type is read from typed files where the log wrote them.
+    """
+
+    fields: dict[str, str]  # declared: field -> DuckDB type
+    model: dict[str, str | None]  # field -> the model's type, None: absent (NULL)
+
+    @property
+    def typed(self) -> bool:
+        return bool(self.model)
+
+    def structure(self) -> str:
+        """The ``from_json`` structure: the model's types (typed), else the declared ones."""
+        if not self.model:
+            return json_structure(self.fields)
+        return json_structure({f: t for f, t in self.model.items() if t is not None})
+
+    def struct(self, column: Callable[[str], str]) -> str:
+        """``struct_pack`` of the declared fields, each cast from ``column(field)``."""
+        parts = []
+        for name, sql_type in self.fields.items():
+            model_type = self.model.get(name, sql_type.upper()) if self.model else None
+            if self.model and model_type is None:
+                expr = f"CAST(NULL AS {sql_type})"
+            else:
+                expr = column(name)
+                if self.model and model_type != sql_type.upper():
+                    expr = f"CAST({expr} AS {sql_type})"
+            parts.append(f'"{name}" := {expr}')
+        return "struct_pack(" + ", ".join(parts) + ")"
+
+
+def _plan(type_name: str, fields: dict[str, str]) -> _Plan:
+    model = model_columns(type_name)
+    try:
+        first_version = event_class(type_name).schema_version == 1
+    except UnknownEventType:
+        return _Plan(fields, {})
+    plan: dict[str, str | None] = {}
+    for name, sql_type in fields.items():
+        if name in model and _reaches(model[name], sql_type):
+            plan[name] = model[name]
+        elif name not in model and first_version:
+            plan[name] = None
+        else:
+            return _Plan(fields, {})
+    return _Plan(fields, plan)
 
 
 def default_projections() -> list[Projection]:
@@ -228,6 +299,7 @@ class ProjectionStore:
                     raise ProjectionError(f"projection {p.name!r} needs {dep!r} applied before it")
         self.gap_grace_s = gap_grace_s
         self.reads = merged_reads(self.projections)
+        self._plans = {t: _plan(t, f) for t, f in self.reads.items()}
         if db_path != ":memory:":
             os.makedirs(os.path.dirname(os.path.abspath(db_path)), exist_ok=True)
         self.con = duckdb.connect(db_path)
@@ -252,6 +324,7 @@ class ProjectionStore:
 
     def close(self) -> None:
         _STAGED.pop(id(self.con), None)
+        forget_typed(self.con)
         self.con.close()
 
     def __enter__(self) -> ProjectionStore:
@@ -320,32 +393,95 @@ class ProjectionStore:
         return dict(sorted(after.items()))
 
     def _stage(self, after: int, through: int) -> None:
-        """Parse the payloads of the window's events once, one typed table per event type."""
+        """Stage the window's events once, one typed table per event type.
+
+        Sealed events come from the typed files of their segments where the log wrote
+        them; only the rest (the unsealed tail, segments sealed without typed files,
+        types the model does not type) is parsed from JSON.
+        """
         con = self.con
-        names = ", ".join("'" + t.replace("'", "''") + "'" for t in self.reads)
-        con.execute(
-            "CREATE OR REPLACE TEMP TABLE _ev_raw AS "
-            "SELECT position, stream_id, type, occurred_at, payload FROM events "
-            f"WHERE position > {int(after)} AND position <= {int(through)} AND type IN ({names})"
-        )
-        present = {str(t) for (t,) in con.execute("SELECT DISTINCT type FROM _ev_raw").fetchall()}
+        window = f"position > {int(after)} AND position <= {int(through)}"
+        typed = typed_sources(con)
+        if typed is not None and not self._view_is_whole(typed, window):
+            typed = None  # `events` is a filtered view of what was attached: read it all
+        files = self._typed_files(typed, after, through)
+        con.execute("CREATE OR REPLACE TEMP TABLE _ev_raw AS " + self._raw_rows(typed, window))
+        parsed = {str(t) for (t,) in con.execute("SELECT DISTINCT type FROM _ev_raw").fetchall()}
+        present = parsed | {t for t, f in files.items() if f}
         _STAGED[id(con)] = (after, through, frozenset(present))
-        for typ, fields in self.reads.items():
+        for typ, plan in self._plans.items():
             table = staged_table(typ)
             if typ not in present and table in self._staged_empty:
                 continue  # still the empty table of an earlier round: no statement
-            structure = "{" + ", ".join(f'"{k}": "{v}"' for k, v in fields.items()) + "}"
-            where = "type = '" + typ.replace("'", "''") + "'" if typ in present else "false"
-            con.execute(
-                f"CREATE OR REPLACE TEMP TABLE {table} AS "
-                "SELECT position, stream_id, type, occurred_at, "
-                f"from_json(payload, '{structure}') AS p FROM _ev_raw WHERE {where}"
+            quoted = _quote(typ)
+            from_json = (
+                f"SELECT position, stream_id, type, occurred_at, "
+                f"{plan.struct(_json_field)} AS p FROM (SELECT position, "
+                f"stream_id, type, occurred_at, from_json(payload, {_quote(plan.structure())}) "
+                f"AS j FROM _ev_raw WHERE {'type = ' + quoted if typ in parsed else 'false'})"
             )
+            selects = [from_json] if typ in parsed or not files.get(typ) else []
+            if files.get(typ):
+                selects.insert(0, _typed_rows(typ, plan, files[typ], window))
+            con.execute(f"CREATE OR REPLACE TEMP TABLE {table} AS " + " UNION ALL ".join(selects))
             if typ in present:
                 self._staged_empty.discard(table)
             else:
                 self._staged_empty.add(table)
         con.execute("DROP TABLE _ev_raw")
+
+    def _view_is_whole(self, typed: TypedSources, window: str) -> bool:
+        """Whether ``events`` holds, in the window, every event of the view attached."""
+        if typed.view == "events":
+            return True
+        [(same,)] = self.con.execute(
+            f"SELECT (SELECT count(*) FROM events WHERE {window}) = "
+            f"(SELECT count(*) FROM {typed.view} WHERE {window})"
+        ).fetchall()
+        return bool(same)
+
+    def _typed_files(
+        self, typed: TypedSources | None, after: int, through: int
+    ) -> dict[str, list[TypedFile]]:
+        """Per typed event type, its typed files that may hold events of the window."""
+        if typed is None:
+            return {}
+        out: dict[str, list[TypedFile]] = {}
+        for typ, plan in self._plans.items():
+            if not plan.typed:
+                continue
+            out[typ] = [
+                f
+                for f in typed.files.get(typ, [])
+                if f.last_position > after and f.first_position <= through and _fits(f, plan)
+            ]
+        return out
+
+    def _raw_rows(self, typed: TypedSources | None, window: str) -> str:
+        """SQL: the window's events whose payload is parsed from JSON this round."""
+        columns = "SELECT position, stream_id, type, occurred_at, payload FROM"
+        if typed is None:
+            return f"{columns} events WHERE {window} AND type IN ({_names(list(self._plans))})"
+        selects = []
+        untyped = [t for t, p in self._plans.items() if not p.typed]
+        if untyped:
+            selects.append(f"{columns} events WHERE {window} AND type IN ({_names(untyped)})")
+        typed_types = [t for t, p in self._plans.items() if p.typed]
+        if typed_types:
+            selects.append(
+                f"{columns} {typed.json_view} WHERE {window} AND type IN ({_names(typed_types)})"
+            )
+        for typ in typed_types:
+            # segments with typed files, but none (or one of another shape) for this type
+            plan = self._plans[typ]
+            segments = list(typed.untyped.get(typ, []))
+            segments += [_segment_of(f) for f in typed.files.get(typ, []) if not _fits(f, plan)]
+            if segments:
+                paths = ", ".join(_quote(p) for p in segments)
+                selects.append(
+                    f"{columns} read_parquet([{paths}]) WHERE {window} AND type = {_quote(typ)}"
+                )
+        return " UNION ALL ".join(selects)
 
     def _apply_one(self, p: Projection, through: int) -> int:
         con = self.con
@@ -453,6 +589,42 @@ class ProjectionStore:
             for p in self.projections:
                 p.create(self.con)
                 self.con.execute("INSERT INTO projection_positions VALUES (?, 0)", [p.name])
+
+
+def _quote(text: str) -> str:
+    return "'" + text.replace("'", "''") + "'"
+
+
+def _json_field(name: str) -> str:
+    return f'j."{name}"'
+
+
+def _names(types: Sequence[str]) -> str:
+    return ", ".join(_quote(t) for t in types)
+
+
+def _fits(f: TypedFile, plan: _Plan) -> bool:
+    """Whether a typed file holds each field as the model types it (or not at all: a
+    field the model gained since, absent from those payloads)."""
+    return all(
+        model is None or f.columns.get(name, model) == model for name, model in plan.model.items()
+    )
+
+
+def _segment_of(f: TypedFile) -> str:
+    name = os.path.basename(f.path)  # typ-<first>-<last>-<Type>.parquet
+    return os.path.join(os.path.dirname(f.path), "seg-" + name[4:45] + ".parquet")
+
+
+def _typed_rows(typ: str, plan: _Plan, files: list[TypedFile], window: str) -> str:
+    """SQL: the window's events of ``typ`` from typed files, shaped like the parsed ones."""
+    held = set().union(*(f.columns for f in files))
+    paths = ", ".join(_quote(f.path) for f in files)
+    return (
+        f"SELECT position, stream_id, {_quote(typ)} AS type, occurred_at, "
+        + plan.struct(lambda f: f'"{COLUMN_PREFIX}{f}"' if f in held else "NULL")
+        + f" AS p FROM read_parquet([{paths}], union_by_name = true) WHERE {window}"
+    )
 
 
 @contextmanager
