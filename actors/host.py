@@ -135,7 +135,7 @@ class EntityHost:
         kind = {"kind": self.decider.kind}
         commands_handled.add(len(commands), kind)
         command_latency_ms.record((time.perf_counter() - started) * 1000, kind)
-        return results
+        return CommandResults(results)
 
     def _decide_and_append(
         self, commands: Sequence[Command]
@@ -439,6 +439,61 @@ class EntityHost:
                 self._versions[row["s"]] = row["v"]
         self.position = int(header["position"])
         return self.position
+
+
+class CommandResults(list[CommandResult]):
+    """A batch's results: a plain list, which pickles as columns.
+
+    Hosts answer a thousand commands per call; pickled one object at a time
+    (through Ray's Python-level pickler hooks) that cost ~1.7 µs a result in the
+    host, as seven lists ~0.3 µs. What arrives is a plain list of `CommandResult`.
+    """
+
+    def __reduce__(self) -> tuple[Any, tuple[Any, ...]]:
+        return (
+            _results_from_columns,
+            (
+                [r.command_id for r in self],
+                [r.stream_id for r in self],
+                [r.status for r in self],
+                [r.positions for r in self],
+                [r.event_types for r in self],
+                [r.reason for r in self],
+                [r.duplicate for r in self],
+            ),
+        )
+
+
+def _results_from_columns(
+    command_ids: list[str],
+    stream_ids: list[str],
+    statuses: list[Any],
+    positions: list[tuple[int, ...]],
+    event_types: list[tuple[str, ...]],
+    reasons: list[str],
+    duplicates: list[bool],
+) -> list[CommandResult]:
+    return [
+        CommandResult(
+            command_id=c,
+            stream_id=s,
+            status=st,
+            positions=p,
+            event_types=t,
+            reason=r,
+            duplicate=d,
+        )
+        for c, s, st, p, t, r, d in zip(
+            command_ids,
+            stream_ids,
+            statuses,
+            positions,
+            event_types,
+            reasons,
+            duplicates,
+            strict=True,
+        )
+    ]
 
 
 def _as_columns(outcome: AppendOutcome) -> tuple[int, int, bool, tuple[int, int] | None]:

@@ -140,3 +140,23 @@ def test_a_repeat_in_a_batch_with_new_work_on_its_stream_answers_both(log):
     assert new.status == "recorded" and not new.duplicate
     assert restarted.state("a").total == 6
     assert [e.command_id for e in log.read_stream("counter-a")] == ["c1", "c2", "c3"]
+
+
+def test_a_batch_of_results_crosses_a_process_boundary_as_a_plain_list(log):
+    import pickle
+
+    import ray.cloudpickle
+
+    host = EntityHost(COUNTER, log)
+    results = host.handle(
+        [
+            cmd(OpenCounter, "c1", counter_id="a"),
+            cmd(Add, "c2", counter_id="a", amount=5),
+            cmd(Add, "c3", counter_id="zzz", amount=1),
+            cmd(OpenCounter, "c4", counter_id="a"),
+        ]
+    )
+    assert [r.status for r in results] == ["recorded", "recorded", "rejected", "unchanged"]
+    for dumps in (pickle.dumps, ray.cloudpickle.dumps):
+        arrived = pickle.loads(dumps(results))
+        assert type(arrived) is list and arrived == list(results)
