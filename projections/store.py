@@ -89,7 +89,7 @@ class Projection(Protocol):
 
 
 def staged_table(type_name: str) -> str:
-    """The temporary table holding this round's events of ``type_name``, payload parsed."""
+    """The temporary view of this round's events of ``type_name``, payload parsed."""
     if not type_name.isidentifier():
         raise ProjectionError(f"event type {type_name!r} is not a plain identifier")
     return f"_ev_{type_name}"
@@ -410,29 +410,39 @@ class ProjectionStore:
         present = parsed | {t for t, f in files.items() if f}
         _STAGED[id(con)] = (after, through, frozenset(present))
         for typ, plan in self._plans.items():
-            table = staged_table(typ)
-            if typ not in present and table in self._staged_empty:
-                continue  # still the empty table of an earlier round: no statement
-            quoted = _quote(typ)
-            from_json = (
-                f"SELECT position, stream_id, type, occurred_at, "
-                f"{plan.struct(_json_field)} AS p FROM (SELECT position, "
-                f"stream_id, type, occurred_at, from_json(payload, {_quote(plan.structure())}) "
-                f"AS j FROM _ev_raw WHERE {'type = ' + quoted if typ in parsed else 'false'})"
+            view = staged_table(typ)
+            if typ not in present and view in self._staged_empty:
+                continue  # still the empty view of an earlier round: no statement
+            # the JSON-parsed rows are a table (parsed once, read by several projections);
+            # the typed files are read in place, through the view
+            where = "type = " + _quote(typ) if typ in parsed else "false"
+            con.execute(
+                f"CREATE OR REPLACE TEMP TABLE {_parsed_table(typ)} AS SELECT position, "
+                f"stream_id, type, occurred_at, {plan.struct(_json_field)} AS p FROM ("
+                "SELECT position, stream_id, type, occurred_at, "
+                f"from_json(payload, {_quote(plan.structure())}) AS j FROM _ev_raw WHERE {where})"
             )
-            selects = [from_json] if typ in parsed or not files.get(typ) else []
+            selects = [f"SELECT * FROM {_parsed_table(typ)}"]
             if files.get(typ):
                 selects.insert(0, _typed_rows(typ, plan, files[typ], window))
-            con.execute(f"CREATE OR REPLACE TEMP TABLE {table} AS " + " UNION ALL ".join(selects))
+            con.execute(f"CREATE OR REPLACE TEMP VIEW {view} AS " + " UNION ALL ".join(selects))
             if typ in present:
-                self._staged_empty.discard(table)
+                self._staged_empty.discard(view)
             else:
-                self._staged_empty.add(table)
+                self._staged_empty.add(view)
         con.execute("DROP TABLE _ev_raw")
 
     def _view_is_whole(self, typed: TypedSources, window: str) -> bool:
         """Whether ``events`` holds, in the window, every event of the view attached."""
         if typed.view == "events":
+            return True
+        # the audit replay's `events` over the whole log: known without counting
+        rows = self.con.execute(
+            "SELECT sql FROM duckdb_views() WHERE temporary AND view_name = 'events'"
+        ).fetchall()
+        if rows and " ".join(str(rows[0][0]).split()).rstrip(";").endswith(
+            f"events AS SELECT * FROM {typed.view}"
+        ):
             return True
         [(same,)] = self.con.execute(
             f"SELECT (SELECT count(*) FROM events WHERE {window}) = "
@@ -595,6 +605,10 @@ def _quote(text: str) -> str:
     return "'" + text.replace("'", "''") + "'"
 
 
+def _parsed_table(type_name: str) -> str:
+    return "_evjson" + staged_table(type_name)
+
+
 def _json_field(name: str) -> str:
     return f'j."{name}"'
 
@@ -622,7 +636,9 @@ def _typed_rows(typ: str, plan: _Plan, files: list[TypedFile], window: str) -> s
     paths = ", ".join(_quote(f.path) for f in files)
     return (
         f"SELECT position, stream_id, {_quote(typ)} AS type, occurred_at, "
-        + plan.struct(lambda f: f'"{COLUMN_PREFIX}{f}"' if f in held else "NULL")
+        + plan.struct(
+            lambda f: f'"{COLUMN_PREFIX}{f}"' if f in held else f"CAST(NULL AS {plan.model[f]})"
+        )
         + f" AS p FROM read_parquet([{paths}], union_by_name = true) WHERE {window}"
     )
 
