@@ -112,20 +112,25 @@ def _field_names(cls: type[_VehicleCommand]) -> tuple[str, ...]:
     return tuple(cls.model_fields)
 
 
+@cache
+def _utc_fields(cls: type[_VehicleCommand], utc_mask: int) -> tuple[tuple[int, str], ...]:
+    return tuple((i, n) for i, n in enumerate(_field_names(cls)) if utc_mask >> i & 1)
+
+
 def _unpickle_command(
     cls: type[_VehicleCommand],
     values: tuple[Any, ...],
     utc_mask: int,
     fields_set: tuple[str, ...],
 ) -> _VehicleCommand:
-    names = _field_names(cls)
-    fields = dict(zip(names, values, strict=True))
-    if utc_mask:
-        for i, name in enumerate(names):
-            if utc_mask >> i & 1:
-                fields[name] = _EPOCH + _ONE_US * values[i]
-    command = _trusted(cls, fields)
+    fields = dict(zip(_field_names(cls), values, strict=True))
+    for i, name in _utc_fields(cls, utc_mask):
+        fields[name] = _EPOCH + _ONE_US * values[i]
+    command = cls.__new__(cls)
+    _set(command, "__dict__", fields)
     _set(command, "__pydantic_fields_set__", set(fields_set))
+    _set(command, "__pydantic_extra__", None)
+    _set(command, "__pydantic_private__", None)
     return command
 
 
