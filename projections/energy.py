@@ -172,9 +172,12 @@ class EnergyProjection:
 
     def apply(self, con: duckdb.DuckDBPyConnection, after: int, through: int) -> None:
         self._context(con, after, through)
-        self._vehicle_meter(con, after, through)
-        self._charger_meter(con, after, through)
-        self._setpoints(con, after, through)
+        try:
+            self._vehicle_meter(con, after, through)
+            self._charger_meter(con, after, through)
+            self._setpoints(con, after, through)
+        finally:
+            con.execute("DROP TABLE IF EXISTS _vehicle_context")
 
     # ------------------------------------------------------------------ lookups
 
@@ -200,6 +203,25 @@ class EnergyProjection:
             if window_has(con, types, after, through):
                 run(con, sql, after, through)
 
+    def _vehicle_context(self, con: duckdb.DuckDBPyConnection) -> str:
+        """A vehicle's site and charger as of each registration or plug event, built once
+        per round, so one ASOF join (rather than one per lookup) finds both."""
+        con.execute("""
+            CREATE TEMP TABLE IF NOT EXISTS _vehicle_context AS
+            SELECT vehicle_id, position,
+                   (last_value(site IGNORE NULLS) OVER w).s AS site_id,
+                   (last_value(plug IGNORE NULLS) OVER w).c AS charger_id
+            FROM (SELECT vehicle_id, position, struct_pack(s := site_id) AS site,
+                         NULL AS plug FROM energy_vehicle_sites
+                  UNION ALL
+                  -- an unplug (NULL charger) is a value to carry, hence the struct
+                  SELECT vehicle_id, position, NULL, struct_pack(c := charger_id)
+                  FROM energy_vehicle_plugs)
+            WINDOW w AS (PARTITION BY vehicle_id ORDER BY position
+                         ROWS BETWEEN UNBOUNDED PRECEDING AND CURRENT ROW)
+        """)
+        return "_vehicle_context"
+
     # ------------------------------------------------------------------ metered
 
     def _vehicle_meter(self, con: duckdb.DuckDBPyConnection, after: int, through: int) -> None:
@@ -209,13 +231,11 @@ class EnergyProjection:
             con,
             f"""
             INSERT INTO energy_vehicle_metered
-            SELECT r.position, r.vehicle_id, vs.site_id, vp.charger_id, r.interval_start,
+            SELECT r.position, r.vehicle_id, vc.site_id, vc.charger_id, r.interval_start,
                    r.charged_kwh, r.discharged_kwh
             FROM ({split_vehicle_energy_sql()}) r
-            ASOF LEFT JOIN energy_vehicle_sites vs
-                ON vs.vehicle_id = r.vehicle_id AND r.position > vs.position
-            ASOF LEFT JOIN energy_vehicle_plugs vp
-                ON vp.vehicle_id = r.vehicle_id AND r.position > vp.position
+            ASOF LEFT JOIN {self._vehicle_context(con)} vc
+                ON vc.vehicle_id = r.vehicle_id AND r.position > vc.position
             """,
             after,
             through,
@@ -351,20 +371,23 @@ class EnergyProjection:
                        greatest(starts_at, least(valid_until, coalesce(next_at, valid_until))) AS e
                 FROM stretch WHERE kind <> 'end' AND power_kw <> 0
             ),
+            -- site and charger once per setpoint, before it is split into intervals
+            located AS (
+                SELECT sp.*, vc.site_id, vc.charger_id
+                FROM (SELECT * FROM spans WHERE e > s) sp
+                ASOF LEFT JOIN {self._vehicle_context(con)} vc
+                    ON vc.vehicle_id = sp.vehicle_id AND sp.position > vc.position
+            ),
             pieces AS (
                 SELECT *, unnest(generate_series(time_bucket({_BUCKET}, s),
                                                  e - INTERVAL 1 MICROSECOND, {_BUCKET})) AS b
-                FROM spans WHERE e > s
+                FROM located
             )
-            SELECT x.position, x.vehicle_id, vs.site_id, vp.charger_id, x.b, x.power_kw,
+            SELECT x.position, x.vehicle_id, x.site_id, x.charger_id, x.b, x.power_kw,
                    CAST(greatest(x.kwh, 0) AS {_KWH}), CAST(greatest(-x.kwh, 0) AS {_KWH})
-            FROM (SELECT position, vehicle_id, b, power_kw,
+            FROM (SELECT position, vehicle_id, site_id, charger_id, b, power_kw,
                          power_kw * epoch(least(e, b + {_BUCKET}) - greatest(s, b)) / 3600.0 AS kwh
                   FROM pieces) x
-            ASOF LEFT JOIN energy_vehicle_sites vs
-                ON vs.vehicle_id = x.vehicle_id AND x.position > vs.position
-            ASOF LEFT JOIN energy_vehicle_plugs vp
-                ON vp.vehicle_id = x.vehicle_id AND x.position > vp.position
             """,
             after,
             through,

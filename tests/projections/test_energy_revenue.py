@@ -9,10 +9,16 @@ from decimal import Decimal
 import pytest
 
 from events.market import PricePublished
-from events.vehicle import VehicleEnergyRecorded, VehicleSetpointAccepted, VehicleSetpointCurtailed
+from events.vehicle import (
+    VehicleEnergyRecorded,
+    VehiclePluggedIn,
+    VehicleSetpointAccepted,
+    VehicleSetpointCurtailed,
+    VehicleUnplugged,
+)
 from projections.sql_guard import query
 from projections.store import ProjectionStore
-from tests.projections.test_store import T0, LogBuilder, at, build_story, story_steps
+from tests.projections.test_store import T0, LogBuilder, at, build_story, registered, story_steps
 
 
 @pytest.fixture
@@ -194,3 +200,82 @@ def test_a_curtailment_runs_at_its_power_until_the_setpoint_would_have_ended(
         0: (Decimal("0"), Decimal("1.6")),
         15: (Decimal("0"), Decimal("1")),
     }
+
+
+@pytest.mark.parametrize("one_event_per_round", [False, True])
+def test_energy_names_the_site_and_charger_the_vehicle_had_at_the_time(
+    tmp_path: object, one_event_per_round: bool
+) -> None:
+    """Each lookup is as of the event: unplugging clears the charger, a new registration
+    moves the vehicle to its new site, the next plug-in names the new charger."""
+    root = os.path.join(str(tmp_path), "log")
+    path = os.path.join(str(tmp_path), "p.duckdb")
+    v = "van-1"
+
+    def record(minute: int) -> VehicleEnergyRecorded:
+        return VehicleEnergyRecorded(
+            vehicle_id=v,
+            at=at(minute + 15),
+            interval_start=at(minute),
+            interval_end=at(minute + 15),
+            charged_kwh=1.0,
+            discharged_kwh=0.0,
+        )
+
+    def setpoint(minute: int) -> VehicleSetpointAccepted:
+        return VehicleSetpointAccepted(
+            vehicle_id=v,
+            at=at(minute),
+            controller_id="d",
+            requested_power_kw=4.0,
+            power_kw=4.0,
+            valid_until=at(minute + 15),
+        )
+
+    def plug(minute: int, charger: str) -> VehiclePluggedIn:
+        return VehiclePluggedIn(
+            vehicle_id=v,
+            at=at(minute),
+            charger_id=charger,
+            charger_max_charge_kw=11.0,
+            charger_max_discharge_kw=11.0,
+        )
+
+    events = [
+        registered(v, "depot-a"),
+        plug(0, "cp-1"),
+        record(0),
+        setpoint(0),
+        VehicleUnplugged(vehicle_id=v, at=at(20), charger_id="cp-1"),
+        record(30),
+        registered(v, "depot-b"),
+        record(60),
+        plug(75, "cp-9"),
+        record(90),
+        setpoint(90),
+    ]
+    builder = LogBuilder(root)
+    with ProjectionStore(path) as store:
+        for event in events:
+            builder.add(f"vehicle-{v}", event, when=T0)
+            if one_event_per_round:
+                store.apply(root)
+        builder.close()
+        store.apply(root)
+    metered = rows(
+        path,
+        "SELECT interval_start, site_id, charger_id FROM energy_vehicle_metered ORDER BY ALL",
+    )
+    assert [(r["site_id"], r["charger_id"]) for r in metered] == [
+        ("depot-a", "cp-1"),
+        ("depot-a", None),
+        ("depot-b", None),
+        ("depot-b", "cp-9"),
+    ]
+    commanded = rows(
+        path, "SELECT interval_start, site_id, charger_id FROM energy_commanded ORDER BY ALL"
+    )
+    assert [(r["site_id"], r["charger_id"]) for r in commanded] == [
+        ("depot-a", "cp-1"),
+        ("depot-b", "cp-9"),
+    ]
