@@ -183,12 +183,15 @@ class DegradationProjection:
     def _ingest(self, con: duckdb.DuckDBPyConnection, after: int, through: int) -> None:
         if window_has(con, ["VehicleRegistered"], after, through):
             self._registrations(con, after, through)
-        has_tel = window_has(con, ["VehicleTelemetryReported"], after, through)
-        if has_tel:
+        if window_has(con, ["VehicleTelemetryReported"], after, through):
             self._telemetry(con, after, through)
-        self._daily(con, after, through, "_tel" if has_tel else f"({_tel_rows()})")
-        if has_tel:
-            con.execute("DROP TABLE _tel")
+        # the window's readings, as just written to `telemetry` (no copy of them)
+        self._daily(
+            con,
+            after,
+            through,
+            "(SELECT * FROM telemetry WHERE position > $after AND position <= $through)",
+        )
 
     def _registrations(self, con: duckdb.DuckDBPyConnection, after: int, through: int) -> None:
         reg = event_rows(["VehicleRegistered"])
@@ -207,14 +210,19 @@ class DegradationProjection:
         )
 
     def _telemetry(self, con: duckdb.DuckDBPyConnection, after: int, through: int) -> None:
-        run(con, f"CREATE OR REPLACE TEMP TABLE _tel AS {_tel_rows()}", after, through)
-        con.execute("INSERT INTO telemetry SELECT * FROM _tel")
+        run(con, f"INSERT INTO telemetry {_tel_rows()}", after, through)
         # the latest reading's SoH per vehicle: the window's latest is newer than any kept
-        con.execute("""
+        run(
+            con,
+            """
             INSERT OR REPLACE INTO degradation_reported_soh
-            SELECT vehicle_id, position, soh FROM _tel
+            SELECT vehicle_id, position, soh FROM telemetry
+            WHERE position > $after AND position <= $through
             QUALIFY row_number() OVER (PARTITION BY vehicle_id ORDER BY position DESC) = 1
-        """)
+            """,
+            after,
+            through,
+        )
 
     def _daily(
         self, con: duckdb.DuckDBPyConnection, after: int, through: int, readings: str
