@@ -26,7 +26,7 @@ from actors.host import EntityHost, Shard
 from cluster.tracing import TelemetrySettings
 from events.base import Command
 from events.log import Appended, BatchOutcome, EventLog
-from events.schema import stream_hash
+from events.schema import decode_pending, encode_pending, stream_hash
 
 NAMESPACE = "v2gfleet"
 
@@ -80,7 +80,10 @@ class LogService:
             self._changed.set()
         self._changed = asyncio.Event()
 
-    async def append_batch(self, batch: pa.RecordBatch) -> BatchOutcome:
+    async def append_batch(self, batch: pa.RecordBatch | bytes) -> BatchOutcome:
+        """Append a pending batch, as a record batch or as `encode_pending` bytes."""
+        if isinstance(batch, bytes):
+            batch = decode_pending(batch)
         return await asyncio.wrap_future(self.log.submit_batch(batch))
 
     async def lookup_commands(self, command_ids: Sequence[str]) -> dict[str, Appended]:
@@ -148,7 +151,8 @@ class RayLogPort:
         self._log = handle
 
     def append_batch(self, batch: pa.RecordBatch) -> BatchOutcome:
-        return ray.get(self._log.append_batch.remote(batch))  # type: ignore[no-any-return]
+        ref = self._log.append_batch.remote(encode_pending(batch))
+        return ray.get(ref)  # type: ignore[no-any-return]
 
     def lookup_commands(self, command_ids: Sequence[str]) -> dict[str, Appended]:
         return ray.get(self._log.lookup_commands.remote(list(command_ids)))  # type: ignore[no-any-return]

@@ -131,6 +131,27 @@ def pending_bodies(pending: pa.Table | pa.RecordBatch) -> pa.Array:
     return joined.cast(pa.binary())
 
 
+# Pending batches cross Ray compressed: telemetry compresses about five times, which
+# keeps a 1,000-event batch under Ray's inline limit (100 KiB), so it travels inside
+# the call instead of through the object store (~0.75 ms a put and ~0.2 ms a get
+# per batch, against ~0.15 ms to compress and decompress it).
+_WIRE_OPTIONS = pa.ipc.IpcWriteOptions(compression="lz4")
+
+
+def encode_pending(batch: pa.RecordBatch) -> bytes:
+    """A pending batch as one LZ4-compressed Arrow IPC stream: what a host sends the log."""
+    sink = pa.BufferOutputStream()
+    with pa.ipc.new_stream(sink, PENDING_SCHEMA, options=_WIRE_OPTIONS) as writer:
+        writer.write_batch(batch)
+    encoded: bytes = sink.getvalue().to_pybytes()
+    return encoded
+
+
+def decode_pending(data: bytes) -> pa.RecordBatch:
+    """The batch `encode_pending` encoded."""
+    return pa.ipc.open_stream(data).read_next_batch()
+
+
 class PendingBatchBuilder:
     """Accumulates events column by column; `build()` gives one `PENDING_SCHEMA` batch.
 

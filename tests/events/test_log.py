@@ -196,3 +196,18 @@ def test_mixed_rounds_across_partitions_keep_a_chain_the_verifier_accepts(tmp_pa
     with EventLog(root) as reopened:
         assert reopened.read_all().num_rows == total
         assert reopened.version("vehicle-2-9") == 12
+
+
+def test_a_pending_batch_crosses_to_the_log_compressed_and_unchanged(log):
+    from events.schema import decode_pending, encode_pending
+
+    builder = PendingBatchBuilder()
+    for i in range(200):
+        builder.add(f"vehicle-{i}", 1, f"c{i}/0", "Pinged", 1, T0, f"c{i}", "", f'{{"n":{i}}}')
+    batch = builder.build()
+    encoded = encode_pending(batch)
+
+    assert len(encoded) < batch.nbytes  # compressed
+    arrived = decode_pending(encoded)
+    assert arrived.equals(batch) and arrived.schema == batch.schema
+    assert [o.positions for o in log.append_batch(arrived)][:2] == [(1,), (2,)]
