@@ -86,6 +86,18 @@ READS: dict[str, dict[str, str]] = {
 }
 
 
+# A window this large (a rebuild) holds energy in nearly every priced slot: ranking
+# every slot's prices is cheaper than first collecting the window's slots (which makes
+# DuckDB keep a copy of all its energy pieces). Either way gives the same lines.
+_RANK_ALL_SLOTS_FROM = 100_000
+
+
+def _slots_of_pieces(after: int, through: int) -> str:
+    if through - after >= _RANK_ALL_SLOTS_FROM:
+        return ""
+    return "WHERE ps.slot IN (SELECT interval_start FROM pieces)"
+
+
 class RevenueProjection:
     name = "revenue"
     depends_on: tuple[str, ...] = ("energy",)
@@ -161,7 +173,7 @@ class RevenueProjection:
                 JOIN (SELECT market_id FROM revenue_markets WHERE kind = ?
                       QUALIFY row_number() OVER (PARTITION BY market_id ORDER BY position DESC) = 1
                      ) m USING (market_id)
-                WHERE ps.slot IN (SELECT interval_start FROM pieces)
+                {_slots_of_pieces(after, through)}
                 QUALIFY row_number() OVER (PARTITION BY ps.slot
                                            ORDER BY ps.market_id, ps.version DESC,
                                                     ps.position DESC) = 1

@@ -8,6 +8,7 @@ from decimal import Decimal
 
 import pytest
 
+import projections.revenue
 from events.market import PricePublished
 from events.vehicle import (
     VehicleEnergyRecorded,
@@ -18,7 +19,15 @@ from events.vehicle import (
 )
 from projections.sql_guard import query
 from projections.store import ProjectionStore
-from tests.projections.test_store import T0, LogBuilder, at, build_story, registered, story_steps
+from tests.projections.test_store import (
+    T0,
+    LogBuilder,
+    at,
+    build_story,
+    registered,
+    story_steps,
+    table_hashes,
+)
 
 
 @pytest.fixture
@@ -278,4 +287,30 @@ def test_energy_names_the_site_and_charger_the_vehicle_had_at_the_time(
     assert [(r["site_id"], r["charger_id"]) for r in commanded] == [
         ("depot-a", "cp-1"),
         ("depot-b", "cp-9"),
+    ]
+
+
+def test_a_rebuild_ranking_every_price_slot_gives_the_same_lines(
+    tmp_path: object, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Large windows rank every slot's prices instead of only the window's slots."""
+    tmp = str(tmp_path)
+    root = os.path.join(tmp, "log")
+    builder = LogBuilder(root)
+    dbs = {"window": os.path.join(tmp, "w.duckdb"), "all": os.path.join(tmp, "a.duckdb")}
+    stores = {name: ProjectionStore(path) for name, path in dbs.items()}
+    for stream, events, when in story_steps():
+        builder.add(stream, *events, when=when)
+        for name, store in stores.items():  # one event per round, repricing as prices come
+            monkeypatch.setattr(
+                projections.revenue, "_RANK_ALL_SLOTS_FROM", 0 if name == "all" else 10**9
+            )
+            store.apply(root)
+    builder.close()
+    for store in stores.values():
+        store.close()
+    hashes = {name: table_hashes(path, os.path.join(tmp, name)) for name, path in dbs.items()}
+    assert hashes["window"] == hashes["all"]
+    assert rows(dbs["all"], "SELECT count(*) AS n FROM revenue_lines WHERE price IS NOT NULL")[0][
+        "n"
     ]
