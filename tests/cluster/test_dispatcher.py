@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import pickle
 import time
 from datetime import UTC, datetime, timedelta
 
@@ -10,7 +11,13 @@ import ray
 
 from actors.dispatch import ConfigureDispatcher
 from actors.vehicle import GrantControl, PlugIn, RegisterVehicle, ReportTelemetry, RequestSetpoint
-from cluster.dispatcher import embedded_fleet, start_coordinator, start_dispatchers, stop_all
+from cluster.dispatcher import (
+    _OnePickle,
+    embedded_fleet,
+    start_coordinator,
+    start_dispatchers,
+    stop_all,
+)
 from events.dispatch import TransformerLimit
 from events.market import PublishPrice, RegisterMarket
 
@@ -138,6 +145,23 @@ def test_a_second_dispatcher_cannot_command_a_vehicle_it_does_not_lease(system):
     assert grab.event_types == ("VehicleControlRefused",)
     assert sneak.event_types == ("VehicleSetpointRejected",)
     assert fleet.state("vehicle", "site-a-ev0").lease.controller_id == "dispatch-site-a"
+
+
+def test_a_shards_batch_arrives_as_the_plain_list_of_the_same_commands():
+    now = datetime.now(UTC)
+    commands = [
+        RequestSetpoint(
+            command_id=f"dispatch-x:1:ev{i}",
+            issued_at=now,
+            vehicle_id=f"ev{i}",
+            controller_id="dispatch-x",
+            power_kw=-1.5 * i,
+            valid_until=now + timedelta(minutes=5),
+        )
+        for i in range(3)
+    ]
+    arrived = pickle.loads(pickle.dumps(_OnePickle(commands)))
+    assert type(arrived) is list and arrived == commands
 
 
 def test_a_frequency_dip_reaches_every_vehicle_through_the_hosts(system):
