@@ -12,7 +12,7 @@ import datetime as dt
 import ipaddress
 import json
 import ssl
-from collections.abc import AsyncIterator, Coroutine
+from collections.abc import AsyncIterator, Coroutine, Iterator
 from contextlib import asynccontextmanager
 from pathlib import Path
 from typing import Any, TypeVar
@@ -22,6 +22,10 @@ from cryptography import x509
 from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import NameOID
+from ocpp.charge_point import camel_to_snake_case
+from ocpp.exceptions import OCPPError
+from ocpp.messages import Call, get_validator
+from ocpp.messages import validate_payload as library_validate_payload
 from websockets.asyncio.client import connect
 from websockets.exceptions import InvalidMessage, InvalidStatus
 from websockets.headers import build_authorization_basic
@@ -45,6 +49,9 @@ from actors.gateways.ocpp_csms import (
     ChargingNeedsReport,
     OcppCsmsGateway,
     StationCredentials,
+    _compiled_check,
+    snake_case,
+    validate_payload,
 )
 from actors.gateways.sink import RecordingSink
 from cluster.simulators.ocpp_station import SimulatedStation
@@ -360,6 +367,29 @@ def test_a_bad_handshake_is_refused_and_recorded(
     run(scenario())
 
 
+def _meter_payload(**change: Any) -> dict[str, Any]:
+    """A valid MeterValues payload; `change` replaces a field (None drops it)."""
+    sampled: dict[str, Any] = {
+        "value": change.pop("value", 7400.0),
+        "measurand": change.pop("measurand", "Power.Active.Import"),
+        "unitOfMeasure": {"unit": "W"},
+    }
+    payload: dict[str, Any] = {
+        "evseId": 1,
+        "meterValue": [{"timestamp": "2030-01-01T00:00:00Z", "sampledValue": [sampled]}],
+    }
+    for key, value in change.items():
+        if value is None:
+            payload.pop(key, None)
+        else:
+            payload[key] = value
+    return payload
+
+
+def _meter_frame(**change: Any) -> str:
+    return json.dumps([2, "m-mv", "MeterValues", _meter_payload(**change)])
+
+
 @pytest.mark.parametrize(
     ("frame", "error_code", "action"),
     [
@@ -396,6 +426,15 @@ def test_a_bad_handshake_is_refused_and_recorded(
             "PropertyConstraintViolation",
             "MeterValues",
         ),
+        # schema errors in the gateway's busiest message, each with the library's code
+        (_meter_frame(evseId="1"), "TypeConstraintViolation", "MeterValues"),
+        # 2.0.1's schema allows a negative EVSE id; the command refuses it
+        (_meter_frame(evseId=-1), "PropertyConstraintViolation", "MeterValues"),
+        (_meter_frame(meterValue=[]), "FormatViolation", "MeterValues"),
+        (_meter_frame(meterValue=None), "ProtocolError", "MeterValues"),
+        (_meter_frame(measurand="Power.Active.Magic"), "FormatViolation", "MeterValues"),
+        (_meter_frame(value=True), "TypeConstraintViolation", "MeterValues"),
+        (_meter_frame(extra=1), "FormatViolation", "MeterValues"),
     ],
 )
 def test_a_malformed_message_gets_a_call_error_and_only_a_rejection_record(
@@ -419,6 +458,99 @@ def test_a_malformed_message_gets_a_call_error_and_only_a_rejection_record(
         assert record.reason.startswith(error_code)
 
     run(scenario())
+
+
+def _mutations(payload: Any) -> Iterator[Any]:
+    """The payload with one thing broken (or bent) at every place in it."""
+    wrong_values: list[Any] = [None, True, 0, -1, 1.5, "x" * 2000, "", [], {}, {"x": 1}]
+    if isinstance(payload, dict):
+        yield {**payload, "unexpectedField": 1}
+        for key, value in payload.items():
+            yield {k: v for k, v in payload.items() if k != key}
+            for wrong in wrong_values:
+                yield {**payload, key: wrong}
+            for bent in _mutations(value):
+                yield {**payload, key: bent}
+    elif isinstance(payload, list):
+        yield []
+        yield payload * 3
+        for i, value in enumerate(payload):
+            for bent in _mutations(value):
+                yield [*payload[:i], bent, *payload[i + 1 :]]
+
+
+@pytest.mark.parametrize("version", ["2.0.1", "2.1"])
+@pytest.mark.parametrize(
+    ("action", "payload"),
+    [
+        ("MeterValues", _meter_payload()),
+        (
+            "BootNotification",
+            {"chargingStation": {"model": "M", "vendorName": "V"}, "reason": "PowerUp"},
+        ),
+        (
+            "TransactionEvent",
+            {
+                "eventType": "Updated",
+                "timestamp": "2030-01-01T00:00:00Z",
+                "triggerReason": "MeterValuePeriodic",
+                "seqNo": 3,
+                "transactionInfo": {"transactionId": "tx-1", "chargingState": "Charging"},
+                "evse": {"id": 1, "connectorId": 1},
+                "idToken": {"idToken": "TOKEN-1", "type": "ISO14443"},
+                "meterValue": _meter_payload()["meterValue"],
+            },
+        ),
+        (
+            "NotifyEVChargingNeeds",
+            {
+                "evseId": 1,
+                "chargingNeeds": {
+                    "requestedEnergyTransfer": "AC_single_phase",
+                    "acChargingParameters": {
+                        "energyAmount": 20000,
+                        "evMinCurrent": 6,
+                        "evMaxCurrent": 32,
+                        "evMaxVoltage": 400,
+                    },
+                },
+            },
+        ),
+    ],
+)
+def test_compiled_schema_checks_give_the_libraries_verdict(
+    action: str, payload: dict[str, Any], version: str
+) -> None:
+    """Every payload the library's jsonschema refuses is refused with its error code."""
+    library = get_validator(2, action, version)
+    compiled = _compiled_check(Call("u-1", action, payload), version)
+    assert compiled is not None, "the OCPP schemas stay within the compiled subset"
+    verdicts = {True: 0, False: 0}
+    for bent in [payload, *_mutations(payload)]:
+        call = Call("u-1", action, bent)
+        valid = library.is_valid(bent)
+        verdicts[valid] += 1
+        assert compiled(bent) is valid, bent
+        if valid:
+            run(validate_payload(call, version))
+            continue
+        with pytest.raises(OCPPError) as ours:
+            run(validate_payload(call, version))
+        with pytest.raises(OCPPError) as theirs:
+            run(library_validate_payload(call, version))
+        assert (ours.value.code, ours.value.details) == (theirs.value.code, theirs.value.details)
+    assert verdicts[True] >= 2 and verdicts[False] >= 20  # both sides were exercised
+
+
+def test_snake_case_gives_the_librarys_keys() -> None:
+    payload = {
+        "evseId": 1,
+        "chargingNeeds": {"v2xChargingParameters": {"evTargetEnergyRequest": 1}},
+        "meterValue": [{"sampledValue": [{"unitOfMeasure": {"unit": "W"}}]}],
+        "customData": {"vendorId": "x", "someVendorKey": [{"innerKey": 1}]},
+    }
+    assert snake_case(payload) == camel_to_snake_case(payload)
+    assert snake_case(payload) == camel_to_snake_case(payload)  # from remembered keys
 
 
 def _self_signed(tmp_path: Path) -> tuple[Path, Path]:
