@@ -139,12 +139,22 @@ class BatchingSink:
     while it is on its way wait and leave together with the next call (at most
     `max_batch` commands per call). At low load a command waits for nothing; at high
     load the number of Ray calls stays bounded by the round trip, not the stations.
+
+    `linger_s` > 0 also holds a batch until its oldest command has waited that long
+    (or the batch is full): every call to a host shard and every log commit has a
+    fixed cost (~0.75 ms of CPU for a commit, more through Ray), so a gateway that
+    hears a steady stream of small messages spends less on each when they leave in
+    fewer, larger calls. A command waits at most `linger_s` plus the call in flight.
     """
 
-    def __init__(self, inner: CommandSink, max_batch: int = 4000) -> None:
+    def __init__(self, inner: CommandSink, max_batch: int = 4000, linger_s: float = 0.0) -> None:
         self._inner = inner
         self._max_batch = max_batch
-        self._pending: list[tuple[list[Command], asyncio.Future[list[CommandResult]]]] = []
+        self._linger_s = linger_s
+        # (commands, the caller's future, loop time of the submit)
+        self._pending: list[tuple[list[Command], asyncio.Future[list[CommandResult]], float]] = []
+        self._pending_count = 0
+        self._full = asyncio.Event()
         self._flusher: asyncio.Task[None] | None = None
         self.calls = 0
         self.commands = 0
@@ -152,15 +162,29 @@ class BatchingSink:
     async def submit(self, commands: Sequence[Command]) -> list[CommandResult]:
         if not commands:
             return []
-        future: asyncio.Future[list[CommandResult]] = asyncio.get_running_loop().create_future()
-        self._pending.append((list(commands), future))
+        loop = asyncio.get_running_loop()
+        future: asyncio.Future[list[CommandResult]] = loop.create_future()
+        self._pending.append((list(commands), future, loop.time()))
+        self._pending_count += len(commands)
+        if self._pending_count >= self._max_batch:
+            self._full.set()
         if self._flusher is None or self._flusher.done():
             self._flusher = asyncio.create_task(self._flush())
         return await future
 
+    async def _linger(self) -> None:
+        """Until the oldest pending command has waited `linger_s`, or a batch is full."""
+        wait = self._pending[0][2] + self._linger_s - asyncio.get_running_loop().time()
+        if wait > 0 and self._pending_count < self._max_batch:
+            self._full.clear()
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(self._full.wait(), wait)
+
     async def _flush(self) -> None:
         while self._pending:
-            taken: list[tuple[list[Command], asyncio.Future[list[CommandResult]]]] = []
+            if self._linger_s > 0:
+                await self._linger()
+            taken: list[tuple[list[Command], asyncio.Future[list[CommandResult]], float]] = []
             count = 0
             while self._pending and (
                 not taken or count + len(self._pending[0][0]) <= self._max_batch
@@ -168,18 +192,19 @@ class BatchingSink:
                 entry = self._pending.pop(0)
                 taken.append(entry)
                 count += len(entry[0])
-            batch = [c for commands, _ in taken for c in commands]
+            self._pending_count -= count
+            batch = [c for commands, _, _ in taken for c in commands]
             self.calls += 1
             self.commands += len(batch)
             try:
                 results = await self._inner.submit(batch)
             except Exception as exc:  # each caller sees the failure of its own submit
-                for _, future in taken:
+                for _, future, _ in taken:
                     if not future.done():
                         future.set_exception(exc)
                 continue
             start = 0
-            for commands, future in taken:
+            for commands, future, _ in taken:
                 if not future.done():
                     future.set_result(results[start : start + len(commands)])
                 start += len(commands)
@@ -187,6 +212,9 @@ class BatchingSink:
 
 class _Service:
     """Common start-up: find the runtime (in a worker thread) and build the sink."""
+
+    #: how long the sink holds a batch for more commands (see `BatchingSink`)
+    linger_s = 0.0
 
     def __init__(self, runtime_config: RuntimeConfig, devices: DeviceConfig) -> None:
         tune_gc()
@@ -201,7 +229,7 @@ class _Service:
 
     async def _start(self) -> None:
         self._runtime = await asyncio.to_thread(Runtime(self._runtime_config).start)
-        self.sink = BatchingSink(RuntimeSink(self._runtime))
+        self.sink = BatchingSink(RuntimeSink(self._runtime), linger_s=self.linger_s)
         await self._open()
 
     async def _open(self) -> None:
@@ -235,10 +263,20 @@ class OcppGatewayService(_Service):
             `data_dir` absolute: the actor's working directory is not the caller's).
         devices: the device configuration; this actor serves `devices.stations_of(index)`.
         index: listens on `devices.ocpp.port + index` (any free port if that is 0).
+
+    Station messages leave for the charger shards in batches held up to `linger_s`
+    (50 ms): thousands of stations each sending a meter value every few seconds
+    make a steady trickle, and a host call and a log commit cost about the same for
+    one command as for fifty (in-process, one commit of one meter value costs
+    ~0.8 ms of CPU, of fifteen ~0.16 ms each). A station still gets its CallResult
+    only once its commands are in the log.
     """
+
+    linger_s = 0.05
 
     def __init__(self, runtime_config: RuntimeConfig, devices: DeviceConfig, index: int) -> None:
         self.index = index
+        self._stations = devices.stations_of(index)  # status() is polled; compute once
         self.gateway: OcppCsmsGateway | None = None
         self.safe_states = 0
         super().__init__(runtime_config, devices)
@@ -372,7 +410,7 @@ class OcppGatewayService(_Service):
     async def status(self) -> dict[str, Any]:
         base = await super().status()
         gateway = self.gateway
-        stations = self._devices.stations_of(self.index)
+        stations = self._stations
         return {
             **base,
             "index": self.index,

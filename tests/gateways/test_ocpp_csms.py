@@ -12,7 +12,7 @@ import datetime as dt
 import ipaddress
 import json
 import ssl
-from collections.abc import AsyncIterator, Coroutine, Iterator
+from collections.abc import AsyncIterator, Coroutine, Iterator, Sequence
 from contextlib import asynccontextmanager
 from pathlib import Path
 from typing import Any, TypeVar
@@ -37,6 +37,7 @@ from actors.charger import (
     RecordBoot,
     RecordChargingNeeds,
     RecordConnectionRejected,
+    RecordHeartbeat,
     RecordMessageRejected,
     RecordMeterValues,
     RecordSetpointRejected,
@@ -44,6 +45,7 @@ from actors.charger import (
     RecordStatus,
     RecordTransactionEvent,
 )
+from actors.decider import CommandResult
 from actors.gateways.ocpp_csms import (
     PROFILE_ID_BASE,
     ChargingNeedsReport,
@@ -54,6 +56,7 @@ from actors.gateways.ocpp_csms import (
     validate_payload,
 )
 from actors.gateways.sink import RecordingSink
+from cluster.gateways import BatchingSink
 from cluster.simulators.ocpp_station import SimulatedStation
 from events.base import Command
 
@@ -671,3 +674,52 @@ def test_a_station_message_starts_a_trace_that_its_commands_carry(telemetry: Any
     assert (int(trace_id, 16), int(span_id, 16)) in {
         (s.context.trace_id, s.context.span_id) for s in spans
     }
+
+
+# --- batching on the way to the hosts ------------------------------------------------
+
+
+class _CountingSink(RecordingSink):
+    def __init__(self) -> None:
+        super().__init__()
+        self.batches: list[list[str]] = []
+
+    async def submit(self, commands: Sequence[Command]) -> list[CommandResult]:
+        self.batches.append([c.command_id for c in commands])
+        return await super().submit(commands)
+
+
+def _heartbeat(n: int) -> RecordHeartbeat:
+    return RecordHeartbeat(command_id=f"CS-1:hb-{n}", issued_at=in_an_hour(), charger_id="CS-1")
+
+
+@pytest.mark.parametrize(("linger_s", "calls"), [(0.0, 2), (600.0, 1)])
+def test_a_lingering_sink_sends_a_trickle_of_messages_in_one_call(
+    linger_s: float, calls: int
+) -> None:
+    """Without linger the first message leaves alone; with it, both leave together
+    (here once the batch is full, so the test never waits out the linger)."""
+
+    async def scenario() -> None:
+        inner = _CountingSink()
+        sink = BatchingSink(inner, max_batch=2, linger_s=linger_s)
+        first = asyncio.create_task(sink.submit([_heartbeat(1)]))
+        for _ in range(3):
+            await asyncio.sleep(0)  # the first one is on its way, or lingering
+        second = await sink.submit([_heartbeat(2)])
+        assert [r.command_id for r in await first] == ["CS-1:hb-1"]
+        assert [r.command_id for r in second] == ["CS-1:hb-2"]
+        assert len(inner.batches) == calls
+        assert [c for batch in inner.batches for c in batch] == ["CS-1:hb-1", "CS-1:hb-2"]
+
+    run(scenario())
+
+
+def test_a_lone_message_leaves_after_the_linger() -> None:
+    async def scenario() -> None:
+        inner = _CountingSink()
+        sink = BatchingSink(inner, max_batch=100, linger_s=0.05)
+        (result,) = await sink.submit([_heartbeat(1)])
+        assert result.ok and inner.batches == [["CS-1:hb-1"]]
+
+    run(scenario())
