@@ -512,6 +512,41 @@ def test_regulation_energy_is_booked_per_vehicle_at_the_tick_not_per_frequency_e
     ]
 
 
+def telemetry(command_id: str, vehicle_id: str, at: datetime, soc: float) -> ReportTelemetry:
+    return ReportTelemetry(
+        command_id=command_id,
+        issued_at=at,
+        vehicle_id=vehicle_id,
+        measured_at=at,
+        soc=soc,
+        battery_temp_c=25,
+        soh=0.95,
+    )
+
+
+def test_a_plan_solved_ahead_is_adopted_only_for_exactly_its_inputs(site):
+    site.prices([400.0 - 10 * k for k in range(24)])
+    job = site.policy.plan_job(t(1))
+    assert job is not None and [v.vehicle_id for v in job.chosen] == site.ids
+    solved = job.solve()
+    decision = site.policy.tick(t(1), solved=solved)
+    assert any(type(c).__name__ == "AdoptPlan" for c in decision.dispatch)
+    assert site.policy.plan.power_kw is solved.power_kw  # adopted, not solved again
+    site.act(decision)
+    assert site.policy.plan_job(t(1.5)) is None  # nothing to re-plan
+    # a re-plan is solved ahead, then another vehicle's SoC moves before the tick
+    site.send([telemetry("tel-a", "ev-0", t(2), 0.3)])
+    site.sync()
+    ahead = site.policy.plan_job(t(2))
+    assert ahead is not None
+    solved = ahead.solve()
+    site.send([telemetry("tel-b", "ev-1", t(2), 0.35)])
+    site.sync()
+    decision = site.policy.tick(t(2), solved=solved)
+    assert any(type(c).__name__ == "AdoptPlan" for c in decision.dispatch)
+    assert site.policy.plan.power_kw is not solved.power_kw  # solved again, for the new SoC
+
+
 def test_over_frequency_alert_throttles_discharge_to_zero(site):
     site.prices([400.0 - 10 * k for k in range(24)])
     site.act(site.policy.tick(t(1)))
