@@ -37,6 +37,7 @@ from actors.presets import preset
 from events.base import ENVELOPE_FIELDS, Command, Event, utc
 from events.vehicle import (
     Celsius,
+    Days,
     Efficiency,
     Fraction,
     KilowattHours,
@@ -142,6 +143,11 @@ class RegisterVehicle(_VehicleCommand):
     fields given explicitly override it. Registering again with the same data
     changes nothing; with different data it is rejected (settings are not edited
     by re-registering; a reconfiguration would be its own command and event).
+
+    `battery_age_days` and `battery_throughput_kwh` are the pack's history when it
+    joins the fleet (days since it was new; battery-side kWh charged plus discharged
+    since new); the default, 0 and 0, is a new battery. The ageing model prices wear
+    in the fleet from there, so a used pack is not charged the steep first weeks.
     """
 
     model: str | None = None
@@ -156,6 +162,8 @@ class RegisterVehicle(_VehicleCommand):
     discharge_throughput_budget_kwh: KilowattHours | None = None
     charge_efficiency: Efficiency = 0.90
     discharge_efficiency: Efficiency = 0.90
+    battery_age_days: Days = 0.0
+    battery_throughput_kwh: KilowattHours = 0.0
 
     @model_validator(mode="before")
     @classmethod
@@ -300,6 +308,9 @@ class VehicleSpec(_Frozen):
     discharge_throughput_budget_kwh: float | None
     charge_efficiency: float
     discharge_efficiency: float
+    # Defaults: a snapshot written before registrations carried the battery's history.
+    battery_age_days: float = 0.0
+    battery_throughput_kwh: float = 0.0
 
 
 class Connection(_Frozen):

@@ -28,6 +28,7 @@ KilowattHours = Annotated[float, Field(ge=0, allow_inf_nan=False)]
 Fraction = Annotated[float, Field(ge=0, le=1, allow_inf_nan=False)]
 Celsius = Annotated[float, Field(ge=-60, le=150, allow_inf_nan=False)]
 Efficiency = Annotated[float, Field(gt=0, le=1, allow_inf_nan=False)]
+Days = Annotated[float, Field(ge=0, allow_inf_nan=False)]
 Reason = Annotated[str, Field(min_length=1, max_length=500)]
 
 # Why an accepted setpoint is below what was asked, in a fixed order (projections
@@ -56,7 +57,16 @@ class VehicleRegistered(Event):
 
     Values are stored resolved (a preset's numbers, not its name alone), so a replay
     never depends on the presets file of the day.
+
+    Schema version 2 added the battery's history when it joined: `battery_age_days`
+    (since the pack was new) and `battery_throughput_kwh` (battery-side energy charged
+    plus discharged since new), so wear in the fleet is priced as the marginal wear of
+    a used pack rather than the steep first weeks of a new one. Version-1 events are
+    read as a new battery (0 and 0, see the upcaster below), which is what readers
+    assumed of them.
     """
+
+    schema_version: ClassVar[int] = 2
 
     vehicle_id: str
     at: UtcDatetime
@@ -72,6 +82,14 @@ class VehicleRegistered(Event):
     discharge_throughput_budget_kwh: KilowattHours | None
     charge_efficiency: Efficiency
     discharge_efficiency: Efficiency
+    battery_age_days: Days = 0.0
+    battery_throughput_kwh: KilowattHours = 0.0
+
+
+@register_upcaster("VehicleRegistered", from_version=1)
+def _registered_v1_to_v2(payload: dict[str, Any]) -> dict[str, Any]:
+    # Version 1 had no battery history: every reader took the pack as new at registration.
+    return {**payload, "battery_age_days": 0.0, "battery_throughput_kwh": 0.0}
 
 
 class VehiclePluggedIn(Event):
@@ -257,6 +275,7 @@ __all__ = [
     "LIMIT_REASONS",
     "VEHICLE_EVENTS",
     "Celsius",
+    "Days",
     "Efficiency",
     "Fraction",
     "KilowattHours",

@@ -7,6 +7,7 @@ conversion, so the numbers can be checked by eye. It is 17:00 (minute 0).
 from __future__ import annotations
 
 import itertools
+import json
 from datetime import UTC, datetime, timedelta, timezone
 from typing import Any
 
@@ -244,6 +245,77 @@ def test_registering_again_with_different_data_is_rejected_naming_the_field() ->
 
     with pytest.raises(CommandRejected, match=r"battery_capacity_kwh 50.0 != 60.0"):
         when(state, cmd)
+
+
+def test_a_used_battery_registers_with_its_history() -> None:
+    cmd = command(
+        RegisterVehicle,
+        model="Kia Niro",
+        site_id="depot-north",
+        battery_age_days=730,
+        battery_throughput_kwh=12_000,
+    )
+
+    event = only(when(given(), cmd))
+
+    assert (event.battery_age_days, event.battery_throughput_kwh) == (730.0, 12_000.0)
+    # stored resolved: the payload names both, so a replay never relies on a default
+    assert {"battery_age_days", "battery_throughput_kwh"} <= set(
+        json.loads(event.model_dump_json())
+    )
+    state = given(event)
+    assert state.spec is not None and state.spec.battery_age_days == 730.0
+    # registering again with another history is a change of settings, not a repeat
+    again = command(
+        RegisterVehicle, minute=5, model="Kia Niro", site_id="depot-north", battery_age_days=731
+    )
+    with pytest.raises(CommandRejected, match=r"battery_age_days 730.0 != 731.0"):
+        when(state, again)
+
+
+def test_without_a_history_the_battery_is_new() -> None:
+    event = only(when(given(), command(RegisterVehicle, model="Kia Niro", site_id="s")))
+    assert (event.battery_age_days, event.battery_throughput_kwh) == (0.0, 0.0)
+
+
+@pytest.mark.parametrize("field", ["battery_age_days", "battery_throughput_kwh"])
+@pytest.mark.parametrize("value", [-1.0, float("nan"), float("inf")])
+def test_a_negative_or_non_finite_history_is_refused_naming_the_field(
+    field: str, value: float
+) -> None:
+    with pytest.raises(ValidationError, match=field):
+        command(RegisterVehicle, model="Kia Niro", site_id="s", **{field: value})
+
+
+# A VehicleRegistered as schema version 1 wrote it (before the battery's history).
+V1_REGISTERED = (
+    '{"vehicle_id":"van-7","at":"2025-01-06T17:00:00Z","model":"Kia Niro",'
+    '"site_id":"depot-north","battery_capacity_kwh":64.8,"max_charge_kw":11.0,'
+    '"max_discharge_kw":11.0,"soc_floor":0.2,"derate_above_c":45.0,'
+    '"refuse_discharge_above_c":65.0,"min_soh_for_discharge":0.7,'
+    '"discharge_throughput_budget_kwh":null,"charge_efficiency":0.9,'
+    '"discharge_efficiency":0.9}'
+)
+
+
+def test_a_version_1_registration_reads_as_a_new_battery() -> None:
+    event = load_event("VehicleRegistered", 1, V1_REGISTERED)
+
+    assert isinstance(event, VehicleRegistered)
+    assert (event.battery_age_days, event.battery_throughput_kwh) == (0.0, 0.0)
+    state = given(event)
+    assert state.spec is not None and state.spec.battery_capacity_kwh == 64.8
+    # the same vehicle registered again today, without a history, is a repeat
+    cmd = command(RegisterVehicle, model="Kia Niro", site_id="depot-north")
+    assert when(state, cmd) == []
+
+
+def test_a_snapshot_from_before_the_history_loads_as_a_new_battery() -> None:
+    state = given(registered())
+    stored = state.model_dump()
+    for name in ("battery_age_days", "battery_throughput_kwh"):
+        del stored["spec"][name]
+    assert VehicleState.model_validate(stored) == state
 
 
 def test_thermal_thresholds_must_be_in_order() -> None:
@@ -876,7 +948,9 @@ def test_evolved_states_copy_like_pydantic_models() -> None:
 def test_vehicle_events_are_registered_frozen_and_strict() -> None:
     for cls in VEHICLE_EVENTS:
         assert event_class(cls.__name__) is cls
-        assert cls.schema_version == (2 if cls is VehicleTelemetryReported else 1)
+        assert cls.schema_version == (
+            2 if cls in (VehicleTelemetryReported, VehicleRegistered) else 1
+        )
         assert cls.model_config.get("frozen") and cls.model_config.get("extra") == "forbid"
     event = setpoint_accepted(-5, limited_by=("soc_reserve",))
     assert load_event(type(event).type_name(), 1, event.model_dump_json()) == event
