@@ -6,7 +6,8 @@ view ``energy`` that sums them per interval:
 ``vehicle_meter``  ``VehicleEnergyRecorded``: grid-side kWh over ``[interval_start,
     interval_end)``, split over the 15-minute intervals it overlaps in proportion to
     the overlap. Site from the vehicle's latest ``VehicleRegistered`` and charger from
-    its latest ``VehiclePluggedIn`` before the record (by log position).
+    its latest ``VehiclePluggedIn`` (none after a ``VehicleUnplugged``) before the record
+    (by log position), both kept per vehicle in ``energy_vehicle_context``.
 ``charger_meter``  ``ChargerMeterValuesRecorded``: the increase of the import/export
     registers since the previous sample of the same charger and EVSE, in the interval
     that holds the sample's time (a sample exactly on a boundary closes the interval
@@ -69,6 +70,25 @@ READS: dict[str, dict[str, str]] = {
 }
 
 
+# A vehicle's site and charger as of each of its registration and plug events, so one
+# ASOF join (rather than one per lookup) finds both; kept for the vehicles that move.
+_VEHICLE_CONTEXT = """
+    INSERT INTO energy_vehicle_context
+    SELECT vehicle_id, position,
+           (last_value(site IGNORE NULLS) OVER w).s AS site_id,
+           (last_value(plug IGNORE NULLS) OVER w).c AS charger_id
+    FROM (SELECT vehicle_id, position, struct_pack(s := site_id) AS site, NULL AS plug
+          FROM energy_vehicle_sites
+          UNION ALL
+          -- an unplug (NULL charger) is a value to carry, hence the struct
+          SELECT vehicle_id, position, NULL, struct_pack(c := charger_id)
+          FROM energy_vehicle_plugs)
+    WHERE {vehicles}
+    WINDOW w AS (PARTITION BY vehicle_id ORDER BY position
+                 ROWS BETWEEN UNBOUNDED PRECEDING AND CURRENT ROW)
+"""
+
+
 def _params(sql: str, after: int, through: int) -> dict[str, int]:
     return {k: v for k, v in (("after", after), ("through", through)) if f"${k}" in sql}
 
@@ -122,6 +142,7 @@ class EnergyProjection:
     tables = (
         "energy_vehicle_sites",
         "energy_vehicle_plugs",
+        "energy_vehicle_context",
         "energy_charger_sites",
         "energy_charger_last",
         "energy_setpoint_facts",
@@ -131,11 +152,17 @@ class EnergyProjection:
     )
 
     def create(self, con: duckdb.DuckDBPyConnection) -> None:
+        [(had_context,)] = con.execute(
+            "SELECT count(*) FROM duckdb_tables() WHERE database_name = current_database() "
+            "AND schema_name = 'main' AND table_name = 'energy_vehicle_context'"
+        ).fetchall()
         con.execute(f"""
             CREATE TABLE IF NOT EXISTS energy_vehicle_sites (
                 vehicle_id VARCHAR, position BIGINT, site_id VARCHAR);
             CREATE TABLE IF NOT EXISTS energy_vehicle_plugs (
                 vehicle_id VARCHAR, position BIGINT, charger_id VARCHAR);
+            CREATE TABLE IF NOT EXISTS energy_vehicle_context (
+                vehicle_id VARCHAR, position BIGINT, site_id VARCHAR, charger_id VARCHAR);
             CREATE TABLE IF NOT EXISTS energy_charger_sites (
                 charger_id VARCHAR, position BIGINT, site_id VARCHAR);
             CREATE TABLE IF NOT EXISTS energy_charger_last (
@@ -169,15 +196,14 @@ class EnergyProjection:
             )
             GROUP BY ALL;
         """)
+        if not had_context:  # a database from before the table: derive it once
+            con.execute(_VEHICLE_CONTEXT.format(vehicles="true"))
 
     def apply(self, con: duckdb.DuckDBPyConnection, after: int, through: int) -> None:
         self._context(con, after, through)
-        try:
-            self._vehicle_meter(con, after, through)
-            self._charger_meter(con, after, through)
-            self._setpoints(con, after, through)
-        finally:
-            con.execute("DROP TABLE IF EXISTS _vehicle_context")
+        self._vehicle_meter(con, after, through)
+        self._charger_meter(con, after, through)
+        self._setpoints(con, after, through)
 
     # ------------------------------------------------------------------ lookups
 
@@ -202,25 +228,14 @@ class EnergyProjection:
         ):
             if window_has(con, types, after, through):
                 run(con, sql, after, through)
-
-    def _vehicle_context(self, con: duckdb.DuckDBPyConnection) -> str:
-        """A vehicle's site and charger as of each registration or plug event, built once
-        per round, so one ASOF join (rather than one per lookup) finds both."""
-        con.execute("""
-            CREATE TEMP TABLE IF NOT EXISTS _vehicle_context AS
-            SELECT vehicle_id, position,
-                   (last_value(site IGNORE NULLS) OVER w).s AS site_id,
-                   (last_value(plug IGNORE NULLS) OVER w).c AS charger_id
-            FROM (SELECT vehicle_id, position, struct_pack(s := site_id) AS site,
-                         NULL AS plug FROM energy_vehicle_sites
-                  UNION ALL
-                  -- an unplug (NULL charger) is a value to carry, hence the struct
-                  SELECT vehicle_id, position, NULL, struct_pack(c := charger_id)
-                  FROM energy_vehicle_plugs)
-            WINDOW w AS (PARTITION BY vehicle_id ORDER BY position
-                         ROWS BETWEEN UNBOUNDED PRECEDING AND CURRENT ROW)
-        """)
-        return "_vehicle_context"
+        moved = ["VehicleRegistered", "VehiclePluggedIn", "VehicleUnplugged"]
+        if window_has(con, moved, after, through):
+            # the vehicles that registered or (un)plugged: their context, recomputed
+            touched = (
+                f"vehicle_id IN (SELECT p.vehicle_id FROM ({event_rows(moved, ['vehicle_id'])}))"
+            )
+            run(con, f"DELETE FROM energy_vehicle_context WHERE {touched}", after, through)
+            run(con, _VEHICLE_CONTEXT.format(vehicles=touched), after, through)
 
     # ------------------------------------------------------------------ metered
 
@@ -234,7 +249,7 @@ class EnergyProjection:
             SELECT r.position, r.vehicle_id, vc.site_id, vc.charger_id, r.interval_start,
                    r.charged_kwh, r.discharged_kwh
             FROM ({split_vehicle_energy_sql()}) r
-            ASOF LEFT JOIN {self._vehicle_context(con)} vc
+            ASOF LEFT JOIN energy_vehicle_context vc
                 ON vc.vehicle_id = r.vehicle_id AND r.position > vc.position
             """,
             after,
@@ -375,7 +390,7 @@ class EnergyProjection:
             located AS (
                 SELECT sp.*, vc.site_id, vc.charger_id
                 FROM (SELECT * FROM spans WHERE e > s) sp
-                ASOF LEFT JOIN {self._vehicle_context(con)} vc
+                ASOF LEFT JOIN energy_vehicle_context vc
                     ON vc.vehicle_id = sp.vehicle_id AND sp.position > vc.position
             ),
             pieces AS (

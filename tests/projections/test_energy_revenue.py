@@ -314,3 +314,29 @@ def test_a_rebuild_ranking_every_price_slot_gives_the_same_lines(
     assert rows(dbs["all"], "SELECT count(*) AS n FROM revenue_lines WHERE price IS NOT NULL")[0][
         "n"
     ]
+
+
+def test_a_database_from_before_the_vehicle_context_gets_it_derived(tmp_path: object) -> None:
+    tmp = str(tmp_path)
+    root = os.path.join(tmp, "log")
+    steps = story_steps()
+    half = len(steps) // 2
+    build_story(root, steps[:half])
+    old = os.path.join(tmp, "old.duckdb")
+    with ProjectionStore(old) as store:
+        store.apply(root)
+        store.con.execute("DROP TABLE energy_vehicle_context")  # as written before it existed
+    builder = LogBuilder(root)
+    builder.versions = {}
+    for stream, _events, _when in steps[:half]:
+        builder.versions[stream] = builder.log.version(stream)
+    builder.commands = half
+    for stream, events, when in steps[half:]:
+        builder.add(stream, *events, when=when)
+    builder.close()
+    with ProjectionStore(old) as store:
+        store.apply(root)
+    fresh = os.path.join(tmp, "fresh.duckdb")
+    with ProjectionStore(fresh) as store:
+        store.apply(root)
+    assert table_hashes(old, os.path.join(tmp, "a")) == table_hashes(fresh, os.path.join(tmp, "b"))
