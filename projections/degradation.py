@@ -266,6 +266,9 @@ class FleetUsage:
 
     ``throughput_kwh`` counts energy charged plus energy discharged at the battery since
     the vehicle was new (driving and V2G alike); ``elapsed_days`` is the pack's age.
+    ``prior_throughput_kwh`` and ``prior_elapsed_days`` are the part of both before the
+    period being priced (e.g. the pack's history when it joined the fleet; 0 for a new
+    pack): the period's cost is the fade between the two points, not the fade since new.
     A (n, k) ``temperature_c`` is k equally long samples of cell temperature.
     """
 
@@ -279,10 +282,16 @@ class FleetUsage:
     replacement_cost_eur: Array
     warranty_throughput_kwh: Array
     warranty_years: Array
+    prior_throughput_kwh: Array
+    prior_elapsed_days: Array
 
     @classmethod
     def of(cls, **columns: ArrayLike) -> FleetUsage:
-        """Build from array-likes, broadcasting scalars to the fleet size."""
+        """Build from array-likes, broadcasting scalars to the fleet size.
+
+        ``prior_throughput_kwh`` and ``prior_elapsed_days`` default to 0 (a new pack).
+        """
+        columns = {"prior_throughput_kwh": 0.0, "prior_elapsed_days": 0.0, **columns}
         arrays = {k: _f(v) for k, v in columns.items()}
         temperature = arrays.pop("temperature_c")
         shape = np.broadcast_shapes(*(a.shape for a in arrays.values()), temperature.shape[:1])
@@ -295,16 +304,29 @@ class FleetUsage:
     def efc(self) -> Array:
         return equivalent_full_cycles(self.throughput_kwh, self.capacity_kwh)
 
+    @property
+    def prior_efc(self) -> Array:
+        return equivalent_full_cycles(self.prior_throughput_kwh, self.capacity_kwh)
+
 
 @dataclass(frozen=True)
 class FleetDegradation:
-    """Per-vehicle results of :func:`assess_fleet`."""
+    """Per-vehicle results of :func:`assess_fleet`.
+
+    Fades and ``soh`` are of the pack since new (at ``elapsed_days`` and
+    ``throughput_kwh``); the costs are of the fade incurred after the prior point:
+    ``calendar_cost_eur`` (ageing that happens whether the vehicle is used or not),
+    ``cycle_cost_eur`` (wear from throughput: driving and V2G) and their sum
+    ``degradation_cost_eur``.
+    """
 
     calendar_fade: Array
     cycle_fade: Array
     capacity_fade: Array
     soh: Array
     degradation_cost_eur: Array
+    calendar_cost_eur: Array
+    cycle_cost_eur: Array
     throughput_cost_eur_per_kwh: Array
     thermal_throughput_factor: Array
     warranty_throughput_used: Array
@@ -323,16 +345,31 @@ def assess_fleet(
 
     Calendar and cycle fade add, as in both papers. Stress (SOC, DOD, C-rate, temperature)
     is taken as constant over the pack's life at the given averages: the closed forms then
-    hold exactly, without tracking an equivalent-time state per step.
+    hold exactly, without tracking an equivalent-time state per step. The period's cost
+    is the cost of the fade between the prior point and now, term by term: both terms
+    are concave (t**0.75 or sqrt(t); sqrt(Q)), so a week of a two-year-old pack costs
+    far less than the first week of a new one.
 
     ``battery_price_eur_per_kwh`` defaults to replacement cost / capacity.
     """
     mean_soc = _f(usage.mean_soc)
     temperature = _f(usage.temperature_c)
-    cal = degradation_scale * _calendar_fade_exposed(
-        model, _f(usage.elapsed_days), temperature, mean_soc
+
+    def calendar(days: ArrayLike) -> Array:
+        return degradation_scale * _calendar_fade_exposed(model, _f(days), temperature, mean_soc)
+
+    def cycle(efc: Array) -> Array:
+        return degradation_scale * model.cycle_fade(efc, usage.dod, usage.c_rate, mean_soc)
+
+    cal = calendar(usage.elapsed_days)
+    cyc = cycle(usage.efc)
+    # The period's fade, from the uncapped terms (the cap at 1 only bites far past EOL).
+    cal_cost = degradation_cost_eur(
+        cal - calendar(usage.prior_elapsed_days), usage.replacement_cost_eur, eol_fade
     )
-    cyc = degradation_scale * model.cycle_fade(usage.efc, usage.dod, usage.c_rate, mean_soc)
+    cyc_cost = degradation_cost_eur(
+        cyc - cycle(usage.prior_efc), usage.replacement_cost_eur, eol_fade
+    )
     fade = np.minimum(cal + cyc, 1.0)
     price = (
         _f(usage.replacement_cost_eur) / _f(usage.capacity_kwh)
@@ -356,7 +393,9 @@ def assess_fleet(
         cycle_fade=cyc,
         capacity_fade=fade,
         soh=1.0 - fade,
-        degradation_cost_eur=degradation_cost_eur(fade, usage.replacement_cost_eur, eol_fade),
+        degradation_cost_eur=cal_cost + cyc_cost,
+        calendar_cost_eur=cal_cost,
+        cycle_cost_eur=cyc_cost,
         throughput_cost_eur_per_kwh=throughput_cost_eur_per_kwh(price, life),
         thermal_throughput_factor=thermal,
         warranty_throughput_used=warranty_energy,

@@ -25,6 +25,11 @@ How each stress figure is derived (all from events, none from the clock):
 - C-rate: metered grid-side kWh / hours with metered energy / capacity.
 - mean SoC and temperature: means of the telemetry readings (25 degC, SoC 0.5 without).
 - age (days): from the registration's ``at`` to the latest telemetry or metered energy.
+- the battery's history when it joined (``battery_age_days``, ``battery_throughput_kwh``
+  of the registration; 0 for a registration without them): the model is evaluated at
+  history + time and throughput in the fleet, and ``degradation_cost_eur`` is the fade
+  between history alone and that point (``calendar_cost_eur`` + ``cycle_cost_eur``),
+  the stress in the fleet taken as the stress of the pack's whole life.
 
 The model takes the mean temperature (not the distribution): a vehicle with hot and cold
 spells ages somewhat faster than this says. Prices and warranty terms are parameters
@@ -45,6 +50,7 @@ from projections.degradation import (
     AgeingModel,
     FleetUsage,
     assess_fleet,
+    equivalent_full_cycles,
     soh_trajectory,
 )
 from projections.energy import run
@@ -67,6 +73,8 @@ READS: dict[str, dict[str, str]] = {
         "discharge_throughput_budget_kwh": "DOUBLE",
         "charge_efficiency": "DOUBLE",
         "discharge_efficiency": "DOUBLE",
+        "battery_age_days": "DOUBLE",
+        "battery_throughput_kwh": "DOUBLE",
     },
     "VehicleTelemetryReported": {
         "vehicle_id": "VARCHAR",
@@ -151,7 +159,8 @@ class DegradationProjection:
             CREATE TABLE IF NOT EXISTS degradation_vehicles (
                 vehicle_id VARCHAR PRIMARY KEY, position BIGINT, site_id VARCHAR,
                 model VARCHAR, registered_at TIMESTAMP, capacity_kwh DOUBLE,
-                budget_kwh DOUBLE, charge_efficiency DOUBLE, discharge_efficiency DOUBLE);
+                budget_kwh DOUBLE, charge_efficiency DOUBLE, discharge_efficiency DOUBLE,
+                age_at_registration_days DOUBLE, throughput_at_registration_kwh DOUBLE);
             CREATE TABLE IF NOT EXISTS degradation_reported_soh (
                 vehicle_id VARCHAR PRIMARY KEY, position BIGINT, soh DECIMAL(9,6));
             CREATE TABLE IF NOT EXISTS degradation_daily (
@@ -162,12 +171,15 @@ class DegradationProjection:
                 PRIMARY KEY (vehicle_id, day));
             CREATE TABLE IF NOT EXISTS degradation (
                 vehicle_id VARCHAR, site_id VARCHAR, capacity_kwh DOUBLE,
-                age_days DOUBLE, charged_kwh DOUBLE, discharged_kwh DOUBLE,
-                throughput_kwh DOUBLE, equivalent_full_cycles DOUBLE, depth_of_discharge DOUBLE,
+                age_days DOUBLE, age_at_registration_days DOUBLE, charged_kwh DOUBLE,
+                discharged_kwh DOUBLE, throughput_kwh DOUBLE,
+                throughput_at_registration_kwh DOUBLE, equivalent_full_cycles DOUBLE,
+                depth_of_discharge DOUBLE,
                 c_rate DOUBLE, mean_soc DOUBLE, mean_temp_c DOUBLE, max_temp_c DOUBLE,
                 share_above_35c DOUBLE, share_above_45c DOUBLE, reported_soh DOUBLE,
                 calendar_fade DOUBLE, cycle_fade DOUBLE, capacity_fade DOUBLE, soh DOUBLE,
-                degradation_cost_eur DOUBLE, throughput_cost_eur_per_kwh DOUBLE,
+                degradation_cost_eur DOUBLE, calendar_cost_eur DOUBLE, cycle_cost_eur DOUBLE,
+                throughput_cost_eur_per_kwh DOUBLE,
                 thermal_throughput_factor DOUBLE, warranty_throughput_used DOUBLE,
                 warranty_time_used DOUBLE, model VARCHAR);
             CREATE TABLE IF NOT EXISTS degradation_soh_trajectory (
@@ -201,7 +213,9 @@ class DegradationProjection:
             INSERT OR REPLACE INTO degradation_vehicles
             SELECT p.vehicle_id, position, p.site_id, p.model, make_timestamp(epoch_us(p.at)),
                    p.battery_capacity_kwh, p.discharge_throughput_budget_kwh,
-                   p.charge_efficiency, p.discharge_efficiency
+                   p.charge_efficiency, p.discharge_efficiency,
+                   -- registrations before schema version 2 had no history: a new pack
+                   coalesce(p.battery_age_days, 0), coalesce(p.battery_throughput_kwh, 0)
             FROM ({reg})
             QUALIFY row_number() OVER (PARTITION BY p.vehicle_id ORDER BY position DESC) = 1
             """,
@@ -277,6 +291,7 @@ class DegradationProjection:
         t = con.sql("""
             SELECT v.vehicle_id, v.site_id, v.capacity_kwh, v.budget_kwh,
                    v.charge_efficiency, v.discharge_efficiency,
+                   v.age_at_registration_days, v.throughput_at_registration_kwh,
                    CAST(coalesce(epoch(max(d.last_at) - v.registered_at) / 86400, 0) AS DOUBLE)
                        AS age_days,
                    CAST(coalesce(sum(d.charged_kwh), 0) AS DOUBLE) AS charged_kwh,
@@ -300,7 +315,8 @@ class DegradationProjection:
                        FROM degradation_reported_soh) r
                 USING (vehicle_id)
             GROUP BY v.vehicle_id, v.site_id, v.capacity_kwh, v.budget_kwh,
-                     v.charge_efficiency, v.discharge_efficiency, v.registered_at
+                     v.charge_efficiency, v.discharge_efficiency, v.registered_at,
+                     v.age_at_registration_days, v.throughput_at_registration_kwh
             ORDER BY v.vehicle_id
         """).to_arrow_table()
         con.execute("DELETE FROM degradation")
@@ -313,6 +329,8 @@ class DegradationProjection:
                 "capacity_kwh",
                 "charge_efficiency",
                 "discharge_efficiency",
+                "age_at_registration_days",
+                "throughput_at_registration_kwh",
                 "age_days",
                 "charged_kwh",
                 "discharged_kwh",
@@ -341,17 +359,20 @@ class DegradationProjection:
             ],
             dtype=np.float64,
         )
+        # the model runs on the pack's life: its history at registration + the fleet's use
         usage = FleetUsage.of(
             capacity_kwh=capacity,
-            throughput_kwh=throughput,
+            throughput_kwh=c["throughput_at_registration_kwh"] + throughput,
             dod=c["dod"],
             c_rate=c_rate,
             temperature_c=c["mean_temp_c"],
-            elapsed_days=c["age_days"],
+            elapsed_days=c["age_at_registration_days"] + c["age_days"],
             mean_soc=c["mean_soc"],
             replacement_cost_eur=capacity * p.battery_price_eur_per_kwh,
             warranty_throughput_kwh=warranty,
             warranty_years=p.warranty_years,
+            prior_throughput_kwh=c["throughput_at_registration_kwh"],
+            prior_elapsed_days=c["age_at_registration_days"],
         )
         r = assess_fleet(
             usage,
@@ -367,10 +388,12 @@ class DegradationProjection:
                 "site_id": t.column("site_id"),
                 "capacity_kwh": capacity,
                 "age_days": c["age_days"],
+                "age_at_registration_days": c["age_at_registration_days"],
                 "charged_kwh": c["charged_kwh"],
                 "discharged_kwh": c["discharged_kwh"],
                 "throughput_kwh": throughput,
-                "equivalent_full_cycles": usage.efc,
+                "throughput_at_registration_kwh": c["throughput_at_registration_kwh"],
+                "equivalent_full_cycles": equivalent_full_cycles(throughput, capacity),
                 "depth_of_discharge": c["dod"],
                 "c_rate": c_rate,
                 "mean_soc": c["mean_soc"],
@@ -384,6 +407,8 @@ class DegradationProjection:
                 "capacity_fade": r.capacity_fade,
                 "soh": r.soh,
                 "degradation_cost_eur": r.degradation_cost_eur,
+                "calendar_cost_eur": r.calendar_cost_eur,
+                "cycle_cost_eur": r.cycle_cost_eur,
                 "throughput_cost_eur_per_kwh": np.broadcast_to(r.throughput_cost_eur_per_kwh, n),
                 "thermal_throughput_factor": r.thermal_throughput_factor,
                 "warranty_throughput_used": r.warranty_throughput_used,

@@ -179,3 +179,70 @@ def test_degradation_scale_multiplies_fade():
     full = assess_fleet(_usage())
     half = assess_fleet(_usage(), degradation_scale=0.5)
     np.testing.assert_allclose(half.capacity_fade, full.capacity_fade / 2, rtol=1e-12)
+
+
+@pytest.mark.parametrize("model", [SCHMALSTIEG_2014, NAUMANN_LFP], ids=lambda m: m.name[:8])
+def test_a_new_pack_costs_all_its_fade_split_into_calendar_and_cycle(model):
+    r = assess_fleet(_usage(), model)
+    cost = degradation_cost_eur(r.capacity_fade, _usage().replacement_cost_eur)
+    np.testing.assert_allclose(r.degradation_cost_eur, cost, rtol=1e-12)
+    np.testing.assert_allclose(
+        r.calendar_cost_eur, degradation_cost_eur(r.calendar_fade, [9_000.0, 11_000.0, 7_500.0])
+    )
+    np.testing.assert_allclose(r.degradation_cost_eur, r.calendar_cost_eur + r.cycle_cost_eur)
+
+
+@pytest.mark.parametrize("model", [SCHMALSTIEG_2014, NAUMANN_LFP], ids=lambda m: m.name[:8])
+@pytest.mark.parametrize("temperature_c", [[20.0, 30.0, 10.0], [[10.0, 30.0]] * 3])
+def test_a_used_pack_costs_the_fade_since_its_prior_point(model, temperature_c):
+    """Two points of the same pack: the period costs the fade between them, term by term."""
+    prior_days = np.array([730.0, 365.0, 1400.0])
+    prior_kwh = np.array([15_000.0, 4_000.0, 40_000.0])
+    week_kwh = np.array([120.0, 300.0, 0.0])
+    week = _usage(
+        temperature_c=temperature_c,
+        elapsed_days=prior_days + 7,
+        throughput_kwh=prior_kwh + week_kwh,
+        prior_elapsed_days=prior_days,
+        prior_throughput_kwh=prior_kwh,
+    )
+    before = _usage(temperature_c=temperature_c, elapsed_days=prior_days, throughput_kwh=prior_kwh)
+    r, then = assess_fleet(week, model), assess_fleet(before, model)
+
+    def cost(fade: np.ndarray) -> np.ndarray:
+        return degradation_cost_eur(fade, week.replacement_cost_eur)
+
+    np.testing.assert_allclose(r.calendar_cost_eur, cost(r.calendar_fade - then.calendar_fade))
+    np.testing.assert_allclose(r.cycle_cost_eur, cost(r.cycle_fade - then.cycle_fade))
+    assert r.cycle_cost_eur[2] == 0.0  # no throughput in the period: no cycle wear
+    # fade and SoH are of the pack since new, whatever period is priced
+    since_new = _usage(
+        temperature_c=temperature_c,
+        elapsed_days=prior_days + 7,
+        throughput_kwh=prior_kwh + week_kwh,
+    )
+    np.testing.assert_allclose(r.soh, assess_fleet(since_new, model).soh, rtol=1e-12)
+
+
+def test_the_same_week_costs_less_the_older_the_pack():
+    """Both terms are concave in time and throughput: marginal wear falls with history."""
+    ages = np.array([0.0, 365.0, 730.0, 1460.0])
+    kwh = ages * 6_000.0 / 365.25  # 6,000 kWh through the battery a year
+    r = assess_fleet(
+        FleetUsage.of(
+            capacity_kwh=60.0,
+            throughput_kwh=kwh + 150.0,
+            dod=0.3,
+            c_rate=0.2,
+            temperature_c=20.0,
+            elapsed_days=ages + 7,
+            mean_soc=0.6,
+            replacement_cost_eur=9_000.0,
+            warranty_throughput_kwh=60_000.0,
+            warranty_years=8.0,
+            prior_throughput_kwh=kwh,
+            prior_elapsed_days=ages,
+        )
+    )
+    assert np.all(np.diff(r.calendar_cost_eur) < 0)
+    assert np.all(np.diff(r.cycle_cost_eur) < 0)
