@@ -40,8 +40,9 @@ from actors.vehicle import (
     RequestSetpoint,
 )
 from cluster.backtest import BacktestReport, audit
-from cluster.depot import DepotRun, DepotSpec, run_depot
+from cluster.depot import HISTORY_YEARS, DepotRun, DepotSpec, run_depot
 from events.log import EventLog
+from projections.degradation_view import DegradationParams
 
 T0 = datetime(2024, 1, 15, 17, 0, tzinfo=UTC)  # a winter evening at the depot
 DISPATCHER = "dispatcher-depot-a"
@@ -147,7 +148,10 @@ class DemoOutcome:
 
     report: BacktestReport
     revenue_by_stream: dict[str, float]
-    degradation_cost_eur: float
+    degradation_cost_eur: float  # the ageing model's wear in the fleet, all vans
+    calendar_cost_eur: float  # of which ageing with time (happens whether used or not)
+    cycle_cost_eur: float  # of which wear from throughput (driving and V2G)
+    pack_cost_eur: float  # the vans' packs at the projection's battery price, summed
     arbitrage_lines: int
     traced_lines: int
     device_facts: dict[str, int]
@@ -327,8 +331,12 @@ def run_demo(
                 "SELECT stream, CAST(sum(revenue_eur) AS DOUBLE) FROM revenue_lines GROUP BY ALL"
             ).fetchall()
         )
-        [(wear,)] = con.execute(
-            "SELECT CAST(coalesce(sum(degradation_cost_eur), 0) AS DOUBLE) FROM degradation"
+        [(wear, calendar, cycle, packs)] = con.execute(
+            "SELECT CAST(coalesce(sum(degradation_cost_eur), 0) AS DOUBLE), "
+            "CAST(coalesce(sum(calendar_cost_eur), 0) AS DOUBLE), "
+            "CAST(coalesce(sum(cycle_cost_eur), 0) AS DOUBLE), "
+            f"CAST(coalesce(sum(capacity_kwh), 0) * {DegradationParams().battery_price_eur_per_kwh}"
+            " AS DOUBLE) FROM degradation"
         ).fetchall()
     lines, traced = _traced(db_path, table)
     console.print("[bold]v2g log verify[/]")
@@ -337,6 +345,9 @@ def run_demo(
         report=report,
         revenue_by_stream={s: float(streams.get(s) or 0.0) for s in sorted(streams)},
         degradation_cost_eur=float(wear),
+        calendar_cost_eur=float(calendar),
+        cycle_cost_eur=float(cycle),
+        pack_cost_eur=float(packs),
         arbitrage_lines=lines,
         traced_lines=traced,
         device_facts=_device_facts(table),
@@ -352,6 +363,9 @@ def run_demo(
                 **report.as_dict(),
                 "revenue_by_stream_eur": outcome.revenue_by_stream,
                 "degradation_cost_model_eur": outcome.degradation_cost_eur,
+                "degradation_calendar_cost_model_eur": outcome.calendar_cost_eur,
+                "degradation_cycle_cost_model_eur": outcome.cycle_cost_eur,
+                "battery_packs_cost_eur": outcome.pack_cost_eur,
                 "arbitrage_lines": lines,
                 "arbitrage_lines_traced_to_price_events": traced,
                 "device_facts": outcome.device_facts,
@@ -387,10 +401,14 @@ def _print_summary(
     money.add_row(
         "degradation cost (throughput x 0.02 EUR/kWh)", f"{r.degradation_cost_eur:,.2f} EUR"
     )
+    per_van = o.degradation_cost_eur / max(spec.vehicles, 1)
     money.add_row(
-        "battery ageing model: calendar + cycle since registration",
-        f"{o.degradation_cost_eur:,.2f} EUR",
+        f"battery ageing model: wear in the fleet (packs {HISTORY_YEARS[0]:g}-"
+        f"{HISTORY_YEARS[1]:g} years old)",
+        f"{o.degradation_cost_eur:,.2f} EUR ({per_van:,.2f} EUR a van)",
     )
+    money.add_row("  of it calendar ageing (happens anyway)", f"{o.calendar_cost_eur:,.2f} EUR")
+    money.add_row("  of it cycle wear (driving and V2G)", f"{o.cycle_cost_eur:,.2f} EUR")
     money.add_row("sessions / departures", f"{r.sessions} / {r.departures}")
     money.add_row(
         "violations (SoC floor / trip energy / transformer)",

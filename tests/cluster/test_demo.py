@@ -112,6 +112,36 @@ def test_charts_and_csv_exports_exist_and_are_not_empty(demo: DemoRun):
     assert (demo.output / "charts" / "summary.txt").read_text().count("P10 / P50 / P90") == 1
 
 
+def test_the_vans_join_with_used_packs_and_their_wear_is_a_small_part_of_a_pack(demo: DemoRun):
+    """The ageing model prices the run's wear of 1-4-year-old packs, not of new ones."""
+    history = {
+        p["vehicle_id"]: (p["battery_age_days"], p["battery_throughput_kwh"])
+        for p in demo.of_type("VehicleRegistered")
+    }
+    with open(demo.output / "export" / "degradation.csv", newline="") as f:
+        rows = {r["vehicle_id"]: r for r in csv.DictReader(f)}
+    assert set(rows) == set(history)
+    for vid, (age_days, throughput_kwh) in history.items():
+        row = rows[vid]
+        assert 365 <= age_days <= 4 * 365.25 and throughput_kwh > 0, vid
+        assert float(row["age_at_registration_days"]) == age_days
+        assert float(row["throughput_at_registration_kwh"]) == throughput_kwh
+        calendar, cycle = float(row["calendar_cost_eur"]), float(row["cycle_cost_eur"])
+        assert calendar > 0 and cycle >= 0, vid
+        assert float(row["degradation_cost_eur"]) == pytest.approx(calendar + cycle)
+        pack_eur = float(row["capacity_kwh"]) * 150.0  # the projection's default price
+        assert calendar + cycle < pack_eur / 100, vid
+        assert 0 < float(row["soh"]) < 1
+    s = demo.summary
+    assert s["degradation_cost_model_eur"] == pytest.approx(
+        s["degradation_calendar_cost_model_eur"] + s["degradation_cycle_cost_model_eur"]
+    )
+    assert s["degradation_cost_model_eur"] == pytest.approx(
+        sum(float(r["degradation_cost_eur"]) for r in rows.values())
+    )
+    assert "of it cycle wear (driving and V2G)" in demo.out
+
+
 def test_every_arbitrage_line_traces_to_a_published_price(demo: DemoRun):
     by_position = {pos: (kind, p) for pos, kind, p in demo.events}
     with open(demo.output / "export" / "revenue.csv", newline="") as f:
