@@ -262,14 +262,13 @@ def check_typed(segment_path: str, first: int, last: int) -> str | None:
             if in_segment[type_name] != tf.count:
                 return f"{type_name}: {tf.count} typed rows, {in_segment[type_name]} in the segment"
             parsed = _typed_rows(f"read_parquet({seg})", type_name, tf.columns)
-            cols = ", ".join(f'"{COLUMN_PREFIX}{k}"' for k in tf.columns)
-            stored = (
-                f"SELECT position, stream_id, occurred_at, {cols} "
-                f"FROM read_parquet({_quote(tf.path)})"
-            )
+            names = ["stream_id", "occurred_at", *(f"{COLUMN_PREFIX}{k}" for k in tf.columns)]
+            differs = " OR ".join(f'a."{n}" IS DISTINCT FROM b."{n}"' for n in names)
+            # positions are unique: pair the rows by position, every unpaired row differs
             [(diff,)] = con.execute(
-                f"SELECT count(*) FROM (({parsed} EXCEPT ALL {stored}) "
-                f"UNION ALL ({stored} EXCEPT ALL {parsed}))"
+                f"SELECT count(*) FROM ({parsed}) a FULL OUTER JOIN "
+                f"read_parquet({_quote(tf.path)}) b ON a.position = b.position "
+                f"WHERE a.position IS NULL OR b.position IS NULL OR {differs}"
             ).fetchall()
             if diff:
                 return f"{type_name}: {diff} typed rows differ from the JSON payloads"
