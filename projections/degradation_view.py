@@ -185,6 +185,17 @@ class DegradationProjection:
             CREATE TABLE IF NOT EXISTS degradation_soh_trajectory (
                 vehicle_id VARCHAR, age_years INTEGER, soh DOUBLE);
         """)
+        # A database from before the battery's history: its registrations had none (a
+        # new pack, 0); `degradation` is rewritten whole on the next round.
+        for table, column in (
+            ("degradation_vehicles", "age_at_registration_days"),
+            ("degradation_vehicles", "throughput_at_registration_kwh"),
+            ("degradation", "age_at_registration_days"),
+            ("degradation", "throughput_at_registration_kwh"),
+            ("degradation", "calendar_cost_eur"),
+            ("degradation", "cycle_cost_eur"),
+        ):
+            con.execute(f"ALTER TABLE {table} ADD COLUMN IF NOT EXISTS {column} DOUBLE DEFAULT 0")
 
     def apply(self, con: duckdb.DuckDBPyConnection, after: int, through: int) -> None:
         # the assessment depends only on what these events feed: none new, nothing changes
@@ -417,7 +428,7 @@ class DegradationProjection:
             }
         )
         con.register("_degradation_out", out)
-        con.execute("INSERT INTO degradation SELECT * FROM _degradation_out")
+        con.execute("INSERT INTO degradation BY NAME SELECT * FROM _degradation_out")
         con.unregister("_degradation_out")
         years = np.arange(1, p.horizon_years + 1, dtype=np.float64)
         per_year = throughput / np.maximum(c["age_days"], 1.0) * 365.25

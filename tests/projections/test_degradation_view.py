@@ -233,3 +233,40 @@ def test_registrations_sealed_before_the_history_existed_read_as_new_packs(
     cal_now, _ = _published_fade(HISTORY_DAYS + 7, 0.0)
     assert new["calendar_cost_eur"] == pytest.approx(PACK_EUR / 0.2 * (cal_now - cal_then))
     assert new["cycle_cost_eur"] == pytest.approx(old["cycle_cost_eur"], rel=1e-12)
+
+
+def test_a_database_from_before_the_history_gets_the_columns_and_goes_on(tmp_path) -> None:
+    """A live store on a file whose degradation tables have the old shape."""
+    from projections.store import ProjectionStore
+
+    root = os.path.join(str(tmp_path), "log")
+    db = os.path.join(str(tmp_path), "p.duckdb")
+    log = _Log(root)
+    try:
+        log.add_v1_registration("van-old")
+        with ProjectionStore(db) as store:
+            store.apply(root)
+        with duckdb.connect(db) as con:  # back to the tables as they were
+            for column in ("age_at_registration_days", "throughput_at_registration_kwh"):
+                con.execute(f"ALTER TABLE degradation_vehicles DROP COLUMN {column}")
+                con.execute(f"ALTER TABLE degradation DROP COLUMN {column}")
+            for column in ("calendar_cost_eur", "cycle_cost_eur"):
+                con.execute(f"ALTER TABLE degradation DROP COLUMN {column}")
+        log.add_week("van-old")
+        log.add("vehicle-van-new", _registered("van-new", battery_age_days=HISTORY_DAYS))
+        log.add_week("van-new")
+        with ProjectionStore(db) as store:
+            store.apply(root)
+    finally:
+        log.log.close()
+    with duckdb.connect(db, read_only=True) as con:
+        rows = dict(
+            con.execute(
+                "SELECT vehicle_id, (age_at_registration_days, calendar_cost_eur) FROM degradation"
+            ).fetchall()
+        )
+    cal_then, _ = _published_fade(HISTORY_DAYS, 0.0)
+    cal_now, _ = _published_fade(HISTORY_DAYS + 7, 0.0)
+    cal_new, _ = _published_fade(7.0, 0.0)
+    assert rows["van-old"] == (0.0, pytest.approx(PACK_EUR / 0.2 * cal_new))
+    assert rows["van-new"] == (HISTORY_DAYS, pytest.approx(PACK_EUR / 0.2 * (cal_now - cal_then)))
