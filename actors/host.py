@@ -58,6 +58,12 @@ class LogPort(Protocol):
     ) -> pa.Table: ...
 
 
+class CommandBatch(Protocol):
+    """Many commands carried as columns (e.g. `RequestSetpoints`): the host expands them."""
+
+    def commands(self) -> Sequence[Command]: ...
+
+
 @dataclass(frozen=True, slots=True)
 class Shard:
     index: int = 0
@@ -110,8 +116,10 @@ class EntityHost:
 
     # ---------------------------------------------------------------- commands
 
-    def handle(self, commands: Sequence[Command]) -> list[CommandResult]:
+    def handle(self, commands: Sequence[Command] | CommandBatch) -> list[CommandResult]:
         """Decide and record a batch of commands; one result per command, in order.
+
+        `commands` may be a `CommandBatch`, expanded here into its commands first.
 
         The common path costs one log call: a repeated command that produces events
         is caught by the log's own idempotency check at append time. Only commands
@@ -120,6 +128,8 @@ class EntityHost:
         answer, not a new one.
         """
         started = time.perf_counter()
+        if not isinstance(commands, Sequence):
+            commands = commands.commands()
         results, retry, judged = self._decide_and_append(commands)
         maybe_repeats = [i for i, r in enumerate(results) if r.status == "unchanged" or i in judged]
         if maybe_repeats:

@@ -25,6 +25,7 @@ temperature; V2G export is the optional load we add, so that is what we derate.
 from __future__ import annotations
 
 import math
+from collections.abc import Sequence
 from datetime import UTC, datetime, timedelta
 from functools import cache
 from operator import itemgetter
@@ -232,6 +233,125 @@ class RequestSetpoint(_VehicleCommand):
     controller_id: Identifier
     power_kw: Power
     valid_until: AwareDatetime
+
+    @classmethod
+    def pack_batch(cls, commands: Sequence[Command]) -> RequestSetpoints | None:
+        """A host shard's setpoints as one columnar batch (see `RequestSetpoints`)."""
+        return RequestSetpoints.of(commands)
+
+
+_NO_CONTROL = r"^[^\x00-\x1f]+$"
+_SETPOINT_REQUIRED = frozenset(
+    {"command_id", "issued_at", "vehicle_id", "controller_id", "power_kw", "valid_until"}
+)
+
+
+class RequestSetpoints(BaseModel):
+    """One controller's `RequestSetpoint`s for many vehicles at one instant, as columns.
+
+    A frequency event moves every vehicle of a site at once: sent as one command
+    object per vehicle, building, pickling and unpickling 500 of them for a host
+    shard cost more wall time than the host's deciding. This carries the shared
+    fields once; the host expands it (`commands`) into the same `RequestSetpoint`s,
+    each with its own `command_id` (`command_id_prefix` + vehicle id), which the
+    decider judges and the log deduplicates one by one. Validated once for all.
+    """
+
+    model_config = ConfigDict(frozen=True, extra="forbid")
+
+    command_id_prefix: Annotated[str, Field(min_length=1, max_length=100, pattern=_NO_CONTROL)]
+    issued_at: AwareDatetime
+    correlation_id: Annotated[str, Field(max_length=200, pattern=r"^[^\x00-\x1f]*$")] = ""
+    traceparent: Annotated[str, Field(max_length=55, pattern=r"^([0-9a-f-]{55})?$")] = ""
+    controller_id: Identifier
+    valid_until: AwareDatetime
+    vehicle_ids: tuple[VehicleId, ...]
+    power_kw: tuple[Power, ...]
+
+    @model_validator(mode="after")
+    def _one_power_per_vehicle(self) -> RequestSetpoints:
+        if len(self.vehicle_ids) != len(self.power_kw):
+            raise ValueError(
+                f"{len(self.vehicle_ids)} vehicle_ids but {len(self.power_kw)} power_kw values"
+            )
+        return self
+
+    def __len__(self) -> int:
+        return len(self.vehicle_ids)
+
+    def commands(self) -> list[RequestSetpoint]:
+        """The vehicles' commands, in order; equal to validating each one on its own."""
+        shared = dict.fromkeys(_field_names(RequestSetpoint))
+        shared |= {
+            "issued_at": self.issued_at,
+            "correlation_id": self.correlation_id,
+            "traceparent": self.traceparent,
+            "controller_id": self.controller_id,
+            "valid_until": self.valid_until,
+        }
+        given = frozenset(_SETPOINT_REQUIRED | {"correlation_id", "traceparent"})
+        if not self.correlation_id:
+            given -= {"correlation_id"}
+        if not self.traceparent:
+            given -= {"traceparent"}
+        prefix = self.command_id_prefix
+        commands = []
+        for vehicle_id, power_kw in zip(self.vehicle_ids, self.power_kw, strict=True):
+            command = RequestSetpoint.__new__(RequestSetpoint)
+            fields = shared.copy()
+            fields["command_id"] = prefix + vehicle_id
+            fields["vehicle_id"] = vehicle_id
+            fields["power_kw"] = power_kw
+            _set(command, "__dict__", fields)
+            _set(command, "__pydantic_fields_set__", set(given))
+            _set(command, "__pydantic_extra__", None)
+            _set(command, "__pydantic_private__", None)
+            commands.append(command)
+        return commands
+
+    @classmethod
+    def of(cls, commands: Sequence[Command]) -> RequestSetpoints | None:
+        """These commands as one batch, or None when they do not share what a batch shares.
+
+        Not validated again: the commands are (pydantic does not validate what it
+        unpickles either, which is how they would otherwise reach the host).
+        """
+        if not commands or not all(type(c) is RequestSetpoint for c in commands):
+            return None
+        first = commands[0]
+        assert isinstance(first, RequestSetpoint)
+        prefix = first.command_id[: len(first.command_id) - len(first.vehicle_id)]
+        shared = (
+            first.issued_at,
+            first.correlation_id,
+            first.traceparent,
+            first.controller_id,
+            first.valid_until,
+        )
+        vehicle_ids, power_kw = [], []
+        for c in commands:
+            assert isinstance(c, RequestSetpoint)
+            vid = c.vehicle_id
+            if (
+                c.command_id != prefix + vid
+                or (c.issued_at, c.correlation_id, c.traceparent, c.controller_id, c.valid_until)
+                != shared
+            ):
+                return None
+            vehicle_ids.append(vid)
+            power_kw.append(c.power_kw)
+        if not prefix:
+            return None
+        return cls.model_construct(
+            command_id_prefix=prefix,
+            issued_at=first.issued_at,
+            correlation_id=first.correlation_id,
+            traceparent=first.traceparent,
+            controller_id=first.controller_id,
+            valid_until=first.valid_until,
+            vehicle_ids=tuple(vehicle_ids),
+            power_kw=tuple(power_kw),
+        )
 
 
 class EnforceSafeState(_VehicleCommand):
@@ -1140,6 +1260,7 @@ __all__ = [
     "ReleaseControl",
     "ReportTelemetry",
     "RequestSetpoint",
+    "RequestSetpoints",
     "Setpoint",
     "Trip",
     "Unplug",

@@ -12,6 +12,7 @@ from __future__ import annotations
 import asyncio
 import gc
 import os
+import pickle
 from collections import defaultdict
 from collections.abc import Sequence
 from dataclasses import dataclass, field
@@ -22,7 +23,7 @@ import pyarrow.compute as pc
 import ray
 
 from actors.decider import CommandResult, Decider
-from actors.host import EntityHost, Shard
+from actors.host import CommandBatch, EntityHost, Shard
 from cluster.tracing import TelemetrySettings
 from events.base import Command
 from events.log import Appended, BatchOutcome, EventLog
@@ -182,7 +183,7 @@ class HostService:
         self.host = EntityHost(decider, RayLogPort(log), shard, snapshot_dir)
         tune_gc()
 
-    def handle(self, commands: Sequence[Command]) -> list[CommandResult]:
+    def handle(self, commands: Sequence[Command] | CommandBatch) -> list[CommandResult]:
         return self.host.handle(commands)
 
     def state(self, entity_id: str) -> Any:
@@ -313,8 +314,16 @@ class Runtime:
     def hosts(self, kind: str) -> list[Any]:
         return self._hosts[kind]
 
-    def route(self, commands: Sequence[Command]) -> tuple[list[Any], list[list[int]]]:
-        """Group commands by owning shard: one Ray call per shard, order kept within each."""
+    def route(
+        self, commands: Sequence[Command], pack: bool = False
+    ) -> tuple[list[Any], list[list[int]]]:
+        """Group commands by owning shard: one Ray call per shard, order kept within each.
+
+        With `pack`, each shard's batch crosses Ray in the cheapest form (for a latency
+        path such as a frequency response): a command type's columnar batch where it
+        has one (`pack_batch`, e.g. `RequestSetpoints`), else one pickle of the whole
+        list (`_OnePickle`); the largest batches are sent first, as they take longest.
+        """
         groups: dict[tuple[str, int], list[int]] = defaultdict(list)
         unknown: list[int] = []
         for i, command in enumerate(commands):
@@ -329,8 +338,11 @@ class Runtime:
             raise TypeError(f"no entity kind handles {', '.join(names)}")
         refs = []
         order = []
-        for (kind, shard), indices in groups.items():
-            refs.append(self._hosts[kind][shard].handle.remote([commands[i] for i in indices]))
+        placed = sorted(groups.items(), key=lambda g: -len(g[1])) if pack else groups.items()
+        for (kind, shard), indices in placed:
+            batch = [commands[i] for i in indices]
+            payload = _packed(batch) if pack else batch
+            refs.append(self._hosts[kind][shard].handle.remote(payload))
             order.append(indices)
         return refs, order
 
@@ -347,6 +359,30 @@ class Runtime:
             ray.kill(self._log, no_restart=True)
         self._hosts.clear()
         self._log = None
+
+
+class _OnePickle:
+    """A shard's batch of commands that crosses to its host as one pickle.
+
+    Ray serializes a plain list item by item (a msgpack frame around a pickle of each
+    command); one `pickle.dumps` of the whole list costs less than half of that
+    (500 setpoints: 0.8 against 1.8 ms to send). The host receives a plain list.
+    """
+
+    __slots__ = ("commands",)
+
+    def __init__(self, commands: list[Command]) -> None:
+        self.commands = commands
+
+    def __reduce__(self) -> tuple[Any, tuple[bytes]]:
+        return pickle.loads, (pickle.dumps(self.commands, protocol=pickle.HIGHEST_PROTOCOL),)
+
+
+def _packed(batch: list[Command]) -> Any:
+    """A shard's batch as a columnar `CommandBatch` when its command type has one."""
+    pack_batch = getattr(type(batch[0]), "pack_batch", None)
+    columnar = pack_batch(batch) if pack_batch is not None else None
+    return columnar if columnar is not None else _OnePickle(batch)
 
 
 def gather(refs: list[Any], order: list[list[int]], n: int) -> list[CommandResult]:

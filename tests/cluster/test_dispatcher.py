@@ -10,14 +10,16 @@ import pytest
 import ray
 
 from actors.dispatch import ConfigureDispatcher
-from actors.vehicle import GrantControl, PlugIn, RegisterVehicle, ReportTelemetry, RequestSetpoint
-from cluster.dispatcher import (
-    _OnePickle,
-    embedded_fleet,
-    start_coordinator,
-    start_dispatchers,
-    stop_all,
+from actors.vehicle import (
+    GrantControl,
+    PlugIn,
+    RegisterVehicle,
+    ReportTelemetry,
+    RequestSetpoint,
+    RequestSetpoints,
 )
+from cluster.dispatcher import embedded_fleet, start_coordinator, start_dispatchers, stop_all
+from cluster.runtime import _OnePickle, _packed
 from events.dispatch import TransformerLimit
 from events.market import PublishPrice, RegisterMarket
 
@@ -162,6 +164,11 @@ def test_a_shards_batch_arrives_as_the_plain_list_of_the_same_commands():
     ]
     arrived = pickle.loads(pickle.dumps(_OnePickle(commands)))
     assert type(arrived) is list and arrived == commands
+    # setpoints of one decision travel as columns and expand into the same commands
+    packed = pickle.loads(pickle.dumps(_packed(commands)))
+    assert type(packed) is RequestSetpoints and packed.commands() == commands
+    mixed = [*commands, commands[0].model_copy(update={"command_id": "other"})]
+    assert type(_packed(mixed)) is _OnePickle
 
 
 def test_a_frequency_dip_reaches_every_vehicle_through_the_hosts(system):
