@@ -16,8 +16,13 @@ The simulated stations are deliberately light (raw OCPP-J frames over `websocket
 one coroutine per station, no schema validation on the station side): they stand in
 for thousands of real stations on two shared cores.
 
-Figures: `stations` (connected when the measurement ended), `p50/p99_handling_ms`,
-`mib_per_station` (RSS of the gateway actors / stations), `meter_values_per_s`.
+Figures: `stations` (connected when the measurement ended), `p50/p99_handling_ms`
+(each station's MeterValues send -> its CallResult received), `mib_per_station` (RSS
+of the gateway actors / stations), `meter_values_per_s`, and `cpu_ms_per_meter_value`:
+the CPU of every process of the run while measuring (the station simulators, the
+gateways, hosts and log, and Ray's own processes) over the meter values answered,
+also split by role (`cpu_ms_per_meter_value_by_role`), since on one machine the
+simulated stations' CPU is taken from the system under test.
 Progress goes to stderr; the last line on stdout is one JSON object.
 
     python scripts/bench_ocpp.py [--stations 10000] [--gateways 4] [--sim-processes 4]
@@ -51,19 +56,45 @@ def raise_open_files_limit() -> int:
     return resource.getrlimit(resource.RLIMIT_NOFILE)[0]
 
 
-def cpu_seconds(root_pid: int) -> float:
-    """CPU time (user + system) of a process and all its descendants: Ray's workers too."""
+# What a process is, by its command line: Ray names an actor's process after its class.
+_ROLES = (
+    ("OcppGatewayService", "gateways"),
+    ("HostService", "hosts"),
+    ("LogService", "log"),
+    ("multiprocessing", "stations"),
+)
+
+
+def _role(cmdline: str) -> str:
+    return next((role for key, role in _ROLES if key in cmdline), "ray_and_driver")
+
+
+def cpu_seconds_by_role(root_pid: int) -> dict[int, tuple[str, float]]:
+    """CPU time (user + system) of a process and all its descendants (Ray's workers
+    and the station simulators too), per process id with the process's role."""
     import psutil
 
     root = psutil.Process(root_pid)
-    total = 0.0
+    seconds: dict[int, tuple[str, float]] = {}
     for proc in [root, *root.children(recursive=True)]:
         try:
             times = proc.cpu_times()
+            role = "ray_and_driver" if proc.pid == root_pid else _role(" ".join(proc.cmdline()))
         except psutil.Error:
             continue
-        total += times.user + times.system
-    return total
+        seconds[proc.pid] = (role, times.user + times.system)
+    return seconds
+
+
+def cpu_used_by_role(
+    before: dict[int, tuple[str, float]], after: dict[int, tuple[str, float]]
+) -> dict[str, float]:
+    """CPU seconds spent between two samples, per role (processes alive at both)."""
+    used: dict[str, float] = {}
+    for pid, (role, seconds) in after.items():
+        if pid in before:
+            used[role] = used.get(role, 0.0) + seconds - before[pid][1]
+    return used
 
 
 def _now_iso() -> str:
@@ -304,7 +335,7 @@ def main() -> None:
     measure_from.value = time.time() + args.interval  # every station's cycle under way
     measure_until.value = measure_from.value + args.measure
     time.sleep(max(0.0, measure_from.value - time.time()))
-    cpu_at_start = cpu_seconds(os.getpid())
+    cpu_at_start = cpu_seconds_by_role(os.getpid())
     while time.time() < measure_until.value:
         time.sleep(min(5.0, max(0.0, measure_until.value - time.time())))
         status = ray.get([a.status.remote() for a in services.ocpp])
@@ -313,7 +344,8 @@ def main() -> None:
             f"{sum(s['connected'] for s in status)}; sink calls "
             f"{sum(s['sink_calls'] for s in status)}"
         )
-    cpu_used = cpu_seconds(os.getpid()) - cpu_at_start
+    cpu_by_role = cpu_used_by_role(cpu_at_start, cpu_seconds_by_role(os.getpid()))
+    cpu_used = sum(cpu_by_role.values())
     load_1m = os.getloadavg()[0]
     status = ray.get([a.status.remote() for a in services.ocpp])
     gateway_rss = sum(s["rss_bytes"] for s in status)
@@ -363,6 +395,10 @@ def main() -> None:
                 # our processes (stations, gateways, hosts, log, Ray) while measuring
                 "cpu_cores_used": round(cpu_used / args.measure, 2),
                 "cpu_ms_per_meter_value": round(cpu_used * 1000 / max(1, len(latencies)), 3),
+                "cpu_ms_per_meter_value_by_role": {
+                    role: round(seconds * 1000 / max(1, len(latencies)), 3)
+                    for role, seconds in sorted(cpu_by_role.items())
+                },
                 "load_average_1m": round(load_1m, 1),
                 "log_events": watermark,
                 "cpus": os.cpu_count(),
