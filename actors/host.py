@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import json
 import os
+import threading
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -73,6 +74,9 @@ class Shard:
         return stream_hash(stream_id) % self.count == self.index
 
 
+# States serialized per slice of a background snapshot (~0.4 ms each).
+_SNAPSHOT_SLICE = 50
+
 # A command whose events are in the pending batch: (index in the batch, the
 # command, its stream id, its event types).
 _Appending = tuple[int, Command, str, tuple[str, ...]]
@@ -87,7 +91,8 @@ class EntityHost:
         shard: which slice of the entities this host owns.
         snapshot_dir: where snapshots live; `None` disables them.
         snapshot_every: take a snapshot after this many new events, so that a
-            restart folds at most about this many events per shard.
+            restart folds at most about this many events per shard. It is written
+            by a background thread, between batches (see `_snapshot_in_background`).
     """
 
     def __init__(
@@ -111,6 +116,11 @@ class EntityHost:
         )
         self._states: dict[str, Any] = {}  # stream id -> state
         self._versions: dict[str, int] = {}
+        self._snapshot_lock = threading.Lock()  # one writer of the snapshot file
+        self._snapshot_written = -1  # the position of the newest snapshot written
+        self._snapshotting: threading.Thread | None = None
+        self._idle = threading.Event()  # set while no batch is being handled
+        self._idle.set()
         self.position = 0  # the last log position folded into the states
         self._recover()
 
@@ -128,6 +138,15 @@ class EntityHost:
         answer, not a new one.
         """
         started = time.perf_counter()
+        self._idle.clear()
+        try:
+            return self._handle(commands, started)
+        finally:
+            self._idle.set()
+
+    def _handle(
+        self, commands: Sequence[Command] | CommandBatch, started: float
+    ) -> list[CommandResult]:
         if not isinstance(commands, Sequence):
             commands = commands.commands()
         results, retry, judged = self._decide_and_append(commands)
@@ -139,7 +158,7 @@ class EntityHost:
                 if first is not None:
                     results[i] = self._repeat(commands[i], first)
         if retry:  # decided on a state that assumed a repeat's events were new: once more
-            again = self.handle([commands[i] for i in retry])
+            again = self._handle([commands[i] for i in retry], started)
             for i, result in zip(retry, again, strict=True):
                 results[i] = result
         kind = {"kind": self.decider.kind}
@@ -246,7 +265,7 @@ class EntityHost:
             self._since_snapshot += len(builder)
             events_appended.add(len(builder), {"kind": self.decider.kind})
             if self._snapshot_path is not None and self._since_snapshot >= self.snapshot_every:
-                self.snapshot()
+                self._snapshot_in_background()
         return [r for r in results if r is not None], retry, judged
 
     def _settle(
@@ -422,20 +441,70 @@ class EntityHost:
         """
         if self._snapshot_path is None:
             raise RuntimeError("this host has no snapshot folder")
-        lines = [json.dumps({"position": self.position, "kind": self.decider.kind})]
-        lines.extend(
-            json.dumps({"s": sid, "v": self._versions[sid], "state": state.model_dump(mode="json")})
-            for sid, state in self._states.items()
-        )
-        os.makedirs(os.path.dirname(self._snapshot_path), exist_ok=True)
-        tmp = self._snapshot_path + ".tmp"
-        with open(tmp, "w") as f:
-            f.write("\n".join(lines))
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, self._snapshot_path)
+        position, states, versions = self._snapshot_copy()
+        self._write_snapshot(position, states, versions, between_batches=False)
+        return position
+
+    def wait_for_snapshot(self, timeout_s: float | None = None) -> None:
+        """Until a snapshot being written in the background is on disk."""
+        thread = self._snapshotting
+        if thread is not None:
+            thread.join(timeout_s)
+
+    def _snapshot_copy(self) -> tuple[int, dict[str, Any], dict[str, int]]:
+        # States are immutable (evolve builds new ones), so copies of the two maps
+        # taken after a batch has settled are a consistent view at `position` (~0.1 ms
+        # for 5,000 vehicles) while the host goes on changing its own maps.
         self._since_snapshot = 0
-        return self.position
+        return self.position, dict(self._states), dict(self._versions)
+
+    def _snapshot_in_background(self) -> None:
+        """A snapshot off the command path: written inline (then ~35 ms for a 500-vehicle
+        shard, JSON and fsync) it was in the p99 of whichever batch crossed `snapshot_every`.
+
+        Serialized by a thread in slices between batches (it waits while one is being
+        handled, and yields after each slice), from copies of the maps taken now.
+        """
+        if self._snapshotting is not None and self._snapshotting.is_alive():
+            return  # the next batch tries again; the counter keeps growing
+        copy = self._snapshot_copy()
+        self._snapshotting = threading.Thread(
+            target=self._write_snapshot, args=copy, name="snapshot", daemon=True
+        )
+        self._snapshotting.start()
+
+    def _write_snapshot(
+        self,
+        position: int,
+        states: dict[str, Any],
+        versions: dict[str, int],
+        between_batches: bool = True,
+    ) -> None:
+        assert self._snapshot_path is not None
+        lines = [json.dumps({"position": position, "kind": self.decider.kind})]
+        items = list(states.items())
+        for start in range(0, len(items), _SNAPSHOT_SLICE):
+            if between_batches:
+                self._idle.wait()
+            lines.extend(
+                _snapshot_line(sid, versions[sid], state)
+                for sid, state in items[start : start + _SNAPSHOT_SLICE]
+            )
+            if between_batches:
+                # Gives up the interpreter long enough for a batch that just arrived to
+                # take it: a thread that only yields (sleep(0)) tends to win it back.
+                time.sleep(0.0002)
+        with self._snapshot_lock:
+            if position < self._snapshot_written:
+                return  # a newer one was written meanwhile
+            os.makedirs(os.path.dirname(self._snapshot_path), exist_ok=True)
+            tmp = self._snapshot_path + ".tmp"
+            with open(tmp, "w") as f:
+                f.write("\n".join(lines))
+                f.flush()
+                os.fsync(f.fileno())
+            os.replace(tmp, self._snapshot_path)
+            self._snapshot_written = position
 
     def _load_snapshot(self) -> int:
         if self._snapshot_path is None or not os.path.exists(self._snapshot_path):
@@ -504,6 +573,12 @@ def _results_from_columns(
             strict=True,
         )
     ]
+
+
+def _snapshot_line(stream_id: str, version: int, state: Any) -> str:
+    # the state in pydantic's own JSON: 3.5 ms for 500 vehicles, against 9 ms for
+    # model_dump + json.dumps (the loader validates it back either way)
+    return f'{{"s": {json.dumps(stream_id)}, "v": {version}, "state": {state.model_dump_json()}}}'
 
 
 def _as_columns(outcome: AppendOutcome) -> tuple[int, int, bool, tuple[int, int] | None]:

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import json
+
 import pytest
 
 from actors.host import EntityHost, Shard
@@ -121,11 +123,33 @@ def test_a_host_snapshots_by_itself_every_n_events(log, tmp_path):
     host.handle([cmd(OpenCounter, "c1", counter_id="a"), cmd(Add, "c2", counter_id="a", amount=1)])
     assert not snaps.exists()
     host.handle([cmd(Add, "c3", counter_id="a", amount=1)])
+    host.wait_for_snapshot()  # written in the background
     assert (snaps / "counter-0-of-1.json").exists()
     host.handle([cmd(Add, "c4", counter_id="a", amount=1)])
 
     restored = EntityHost(COUNTER, log, snapshot_dir=str(snaps))
     assert restored.state("a").total == 3  # the snapshot plus the one event after it
+
+
+def test_a_background_snapshot_holds_the_states_of_the_batch_that_took_it(log, tmp_path):
+    snaps = tmp_path / "snapshots"
+    host = EntityHost(COUNTER, log, snapshot_dir=str(snaps), snapshot_every=3)
+    host.handle([cmd(OpenCounter, "c1", counter_id="a"), cmd(Add, "c2", counter_id="a", amount=1)])
+    set_idle = host._idle.set
+    host._idle.set = lambda: None  # as if the next batch were still being handled
+    host.handle([cmd(Add, "c3", counter_id="a", amount=1)])  # crosses snapshot_every
+    taken_at = host.position
+    host.handle([cmd(Add, "c4", counter_id="a", amount=5)])  # while the writer waits
+    assert not snaps.exists()  # nothing serialized while a batch is in flight
+    host._idle.set = set_idle
+    host._idle.set()
+    host.wait_for_snapshot()
+
+    header, row = (snaps / "counter-0-of-1.json").read_text().splitlines()
+    assert json.loads(header)["position"] == taken_at
+    assert json.loads(row)["v"] == 3 and json.loads(row)["state"]["total"] == 2
+    restored = EntityHost(COUNTER, log, snapshot_dir=str(snaps))
+    assert restored.state("a") == host.state("a") and restored.state("a").total == 7
 
 
 def test_a_repeat_in_a_batch_with_new_work_on_its_stream_answers_both(log):
