@@ -66,6 +66,7 @@ from actors.vehicle import (
     EnforceSafeState,
     GrantControl,
     RequestSetpoint,
+    RequestSetpoints,
     VehicleState,
     available_charge_kwh,
     available_discharge_kwh,
@@ -1534,6 +1535,8 @@ class SitePolicy:
         """RequestSetpoint where the power moved; named by the frequency decision's seq."""
         seq = self.state.decision_seq
         issued_kw, issued_until = self.issued_kw, self.issued_until
+        moved_ids: list[str] = []
+        moved_kw: list[float] = []
         for vid, power in zip(vehicle_ids, power_kw, strict=True):
             p = round(power, 6) + 0.0  # + 0.0 turns -0.0 into 0.0
             last = issued_kw.get(vid)
@@ -1542,9 +1545,23 @@ class SitePolicy:
                     continue  # idle and never asked: nothing to say
             elif abs(last - p) < 1e-9:
                 continue
-            decision.vehicle.append(self._setpoint(seq, vid, p, valid_until, at))
+            moved_ids.append(vid)
+            moved_kw.append(p)
             issued_kw[vid] = p
             issued_until[vid] = valid_until
+        # The same commands `_setpoint` builds, expanded from columns sharing the
+        # decision's fields: ~1 us a command against ~2.5 for copying a template, on
+        # the path of every frequency event (1,000 vehicles). Not validated again,
+        # as in `_setpoint`: the vehicle decider judges every one.
+        batch = RequestSetpoints.model_construct(
+            command_id_prefix=f"{self.controller_id}:{seq}:",
+            issued_at=at,
+            controller_id=self.controller_id,
+            valid_until=valid_until,
+            vehicle_ids=tuple(moved_ids),
+            power_kw=tuple(moved_kw),
+        )
+        decision.vehicle.extend(batch.commands())
 
     def _setpoint(
         self, seq: int, vehicle_id: str, power_kw: float, valid_until: datetime, at: datetime

@@ -486,6 +486,12 @@ def test_a_frequency_dip_exports_more_by_droop_through_the_vehicles(site):
     assert exported == pytest.approx(expected, rel=1e-4)
     issued = [c for c in decision.dispatch if type(c).__name__ == "IssueFrequencyResponse"]
     assert issued[0].export_kw == pytest.approx(expected, rel=1e-4)
+    # built from columns without validation: each one what validating it gives, named
+    # by the decision
+    seq = issued[0].decision_seq
+    for command in decision.vehicle:
+        assert type(command).model_validate(command.model_dump()) == command
+        assert command.command_id == f"{site.policy.controller_id}:{seq}:{command.vehicle_id}"
 
 
 def test_regulation_energy_is_booked_per_vehicle_at_the_tick_not_per_frequency_event(site):
