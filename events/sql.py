@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import os
 import threading
+import weakref
 from dataclasses import dataclass, field
 
 import duckdb
@@ -50,18 +51,21 @@ class TypedSources:
     untyped: dict[str, list[str]]
 
 
-# By connection id: the typed sources of the view last attached to it.
-_TYPED: dict[int, TypedSources] = {}
+# Per connection (held weakly: a closed connection's entry goes with it): the typed
+# sources of the view last attached to it.
+_TYPED: weakref.WeakKeyDictionary[duckdb.DuckDBPyConnection, TypedSources] = (
+    weakref.WeakKeyDictionary()
+)
 
 
 def typed_sources(con: duckdb.DuckDBPyConnection) -> TypedSources | None:
     """The typed sources of the view last attached to ``con`` by this module."""
-    return _TYPED.get(id(con))
+    return _TYPED.get(con)
 
 
 def forget_typed(con: duckdb.DuckDBPyConnection) -> None:
-    """Drop what :func:`typed_sources` knows of ``con`` (call it when closing ``con``)."""
-    _TYPED.pop(id(con), None)
+    """Drop what :func:`typed_sources` knows of ``con``."""
+    _TYPED.pop(con, None)
 
 
 def attach_log(con: duckdb.DuckDBPyConnection, root: str, view: str = "events") -> None:
@@ -112,7 +116,7 @@ def _create_view(
         if paths:
             selects.insert(0, f"SELECT * FROM {_parquet(paths)}")
         con.execute(f"CREATE OR REPLACE TEMP VIEW {name} AS " + " UNION ALL BY NAME ".join(selects))
-    _TYPED[id(con)] = TypedSources(view, f"{view}_json", files, untyped)
+    _TYPED[con] = TypedSources(view, f"{view}_json", files, untyped)
 
 
 def read_frames(
