@@ -10,7 +10,7 @@ import pytest
 import ray
 
 from cluster.client import FleetClient, FleetError
-from cluster.runtime import Runtime, RuntimeConfig
+from cluster.runtime import Runtime, RuntimeConfig, gather
 from tests.actors.counter import COUNTER, Add, OpenCounter
 from tests.events.conftest import T0
 
@@ -41,6 +41,18 @@ def test_commands_travel_through_ray_and_come_back_as_results(fleet):
     assert fleet.state("counter", "c").total == 10
     assert [e.type for e in fleet.events("counter-c")][:2] == ["CounterOpened", "Added"]
     assert fleet.send(add("x-0", "a", 1)).duplicate
+
+
+def test_packed_batches_give_the_same_answers_in_the_callers_order(fleet):
+    fleet.send_many(
+        [OpenCounter(command_id=f"open-p{c}", issued_at=T0, counter_id=f"p{c}") for c in "ab"]
+    )
+    commands = [add(f"pack-{i}", f"p{'ab'[i % 2]}", i) for i in range(10)]
+    refs, order = fleet.runtime.route(commands, pack=True)  # as one pickle a shard
+    results = gather(refs, order, len(commands))
+    assert [r.command_id for r in results] == [c.command_id for c in commands]
+    assert all(r.status == "recorded" for r in results)
+    assert fleet.state("counter", "pa").total == sum(range(0, 10, 2))
 
 
 def test_a_rejected_command_names_its_reason_and_unknown_kinds_are_our_error(fleet):
