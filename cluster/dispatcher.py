@@ -140,8 +140,16 @@ class SiteDispatcher:
         return results
 
     def act(self, decision: Decision) -> list[CommandResult]:
-        # Its own record and the vehicle commands travel together: ids are fixed by
-        # decision_seq, so a retry after a crash repeats, never doubles.
+        # Its own record and the vehicle commands travel together, one host call each
+        # at once, rather than the record first: that would put a whole log round
+        # (3-10 ms) in front of every frequency response. What an auditor needs holds
+        # for every answer a caller gets: it comes only after each host's append is
+        # acknowledged, so the measurement (GridSignalRecorded), the decision
+        # (FrequencyResponseIssued) and every vehicle's answer are durable. Ids are
+        # fixed by decision_seq, so a retry repeats, never doubles. Not covered: a
+        # crash between the appends can leave setpoints (`<controller>:<seq>:<vehicle>`)
+        # whose decision record is lost; a restarted dispatcher numbers its next
+        # decision with that seq again, and the log answers those setpoints as repeats.
         commands: list[Command] = [*decision.dispatch, *decision.vehicle]
         if self._cause and commands:  # the decision continues the trace of what caused it
             cause, self._cause = self._cause, ""
