@@ -330,9 +330,9 @@ class DegradationProjection:
                      v.age_at_registration_days, v.throughput_at_registration_kwh
             ORDER BY v.vehicle_id
         """).to_arrow_table()
+        con.execute("DELETE FROM degradation")
+        con.execute("DELETE FROM degradation_soh_trajectory")
         if t.num_rows == 0:
-            con.execute("DELETE FROM degradation")
-            con.execute("DELETE FROM degradation_soh_trajectory")
             return
         c = {
             name: np.asarray(t.column(name).to_numpy(zero_copy_only=False))
@@ -427,7 +427,9 @@ class DegradationProjection:
                 "model": pa.array([model.name] * n),
             }
         )
-        _replace_changed(con, "degradation", out, ["vehicle_id"])
+        con.register("_degradation_out", out)
+        con.execute("INSERT INTO degradation BY NAME SELECT * FROM _degradation_out")
+        con.unregister("_degradation_out")
         years = np.arange(1, p.horizon_years + 1, dtype=np.float64)
         per_year = throughput / np.maximum(c["age_days"], 1.0) * 365.25
         soh = soh_trajectory(
@@ -448,28 +450,6 @@ class DegradationProjection:
                 "soh": soh.reshape(-1),
             }
         )
-        _replace_changed(con, "degradation_soh_trajectory", traj, ["vehicle_id", "age_years"])
-
-
-def _replace_changed(
-    con: duckdb.DuckDBPyConnection, table: str, rows: pa.Table, key: list[str]
-) -> None:
-    """Make ``table`` hold exactly ``rows`` (unique by ``key``), writing only the rows that
-    differ: a live round recomputes every vehicle, but rewriting them all put ~1 MB a
-    round into DuckDB's write-ahead log and made it checkpoint every dozen rounds."""
-    con.register("_assessed", rows)
-    try:
-        cols = ", ".join(f'"{c}"' for c in rows.column_names)
-        match = " AND ".join(f'c."{k}" = t."{k}"' for k in key)
-        con.execute(
-            f"CREATE OR REPLACE TEMP TABLE _changed AS "
-            f"SELECT {cols} FROM _assessed EXCEPT SELECT {cols} FROM {table}"
-        )
-        con.execute(
-            f"DELETE FROM {table} t WHERE EXISTS (SELECT 1 FROM _changed c WHERE {match}) "
-            f"OR NOT EXISTS (SELECT 1 FROM _assessed c WHERE {match})"
-        )
-        con.execute(f"INSERT INTO {table} BY NAME SELECT * FROM _changed")
-        con.execute("DROP TABLE _changed")
-    finally:
-        con.unregister("_assessed")
+        con.register("_soh_out", traj)
+        con.execute("INSERT INTO degradation_soh_trajectory SELECT * FROM _soh_out")
+        con.unregister("_soh_out")
