@@ -88,6 +88,7 @@ from events.dispatch import (
     GridReconnected,
     GridSignalRecorded,
     KeepAliveSource,
+    OrphanedDecisionRecorded,
     PeakShavingDelivered,
     RegulationCapacityReserved,
     RegulationEnergyDelivered,
@@ -179,6 +180,14 @@ class IssueSetpoints(_DispatchCommand):
     setpoints: tuple[VehicleSetpoint, ...]
 
 
+class RecordOrphanedDecision(_DispatchCommand):
+    """Take decision `decision_seq` as lost: its vehicle commands are in the log, its record not."""
+
+    decision_seq: Seq
+    vehicle_ids: tuple[str, ...]
+    reason: Annotated[str, Field(min_length=1, max_length=500)]
+
+
 class RecordGridSignal(_DispatchCommand):
     frequency_hz: Annotated[float, Field(ge=0, allow_inf_nan=False)] | None
     regulation_signal: Annotated[float, Field(ge=-1, le=1)] = 0.0
@@ -252,6 +261,7 @@ DispatchCommand = (
     ConfigureDispatcher
     | AdoptPlan
     | IssueSetpoints
+    | RecordOrphanedDecision
     | RecordGridSignal
     | IssueFrequencyResponse
     | TripWatchdog
@@ -306,7 +316,7 @@ def evolve(state: DispatchState, event: Event) -> DispatchState:
             return state.model_copy(update={"config": event})
         case DispatchPlanAdopted():
             return state.model_copy(update={"plan_seq": event.plan_seq})
-        case SetpointsIssued() | FrequencyResponseIssued():
+        case SetpointsIssued() | FrequencyResponseIssued() | OrphanedDecisionRecorded():
             return state.model_copy(update={"decision_seq": event.decision_seq})
         case GridSignalRecorded():
             return state.model_copy(update={"last_frequency_hz": event.frequency_hz})
@@ -421,6 +431,19 @@ def decide(command: DispatchCommand, state: DispatchState) -> list[Event]:
             return _issue_setpoints(command, state)
         case IssueFrequencyResponse():
             return _frequency_response(command, state)
+        case RecordOrphanedDecision():
+            # Only ever the next number: it closes a gap in order, one decision at a time.
+            if not _next_seq(command.decision_seq, state.decision_seq, "decision_seq"):
+                return []
+            return [
+                OrphanedDecisionRecorded(
+                    site_id=site,
+                    at=at,
+                    decision_seq=command.decision_seq,
+                    vehicle_ids=command.vehicle_ids,
+                    reason=command.reason,
+                )
+            ]
         case RecordGridSignal():
             return [
                 GridSignalRecorded(
@@ -530,6 +553,7 @@ DISPATCH: Decider[DispatchState] = Decider(
         ConfigureDispatcher,
         AdoptPlan,
         IssueSetpoints,
+        RecordOrphanedDecision,
         RecordGridSignal,
         IssueFrequencyResponse,
         TripWatchdog,
@@ -1089,7 +1113,9 @@ class SitePolicy:
     Pure: the caller feeds it log rows (`apply_rows`) and keep-alives, and passes the
     time to every decision. It never writes: it returns commands. Its own stream's
     state advances as it decides (it runs the `DISPATCH` decider on what it sends),
-    so consecutive decisions are numbered without waiting for the log.
+    so consecutive decisions are numbered without waiting for the log. A number the
+    log shows in its own vehicle commands but not in its stream (a record lost in a
+    crash) is recorded as orphaned before the next decision, never used again.
 
     Args:
         site_id: the site this dispatcher controls.
@@ -1138,17 +1164,26 @@ class SitePolicy:
         self.started_at: datetime | None = None
         self.last_frequency_hz: float | None = None
         self._views: tuple[datetime, dict[str, VehicleView]] | None = None
+        # decision seq -> vehicles: our vehicle commands numbered above our own stream's
+        # decision_seq when folded (a restart after a record was lost)
+        self.orphans: dict[int, set[str]] = {}
         self.position = 0
 
     # ------------------------------------------------------------------ input
 
     def apply_rows(self, rows: Iterable[Mapping[str, Any]]) -> None:
-        """Fold log rows (position, stream_id, stream_version, type, schema_version, payload)."""
+        """Fold log rows (position, stream_id, stream_version, type, schema_version, payload,
+        command_id; without command_id a lost decision record goes unnoticed)."""
+        own = f"{self.controller_id}:"
         for row in rows:
             self.position = max(self.position, int(row["position"]))
             sid, kind = row["stream_id"], row["type"]
-            if sid.startswith("vehicle-") and kind in _VEHICLE_TYPES:
-                self._apply_vehicle(sid, row)
+            if sid.startswith("vehicle-"):
+                command_id = row.get("command_id")
+                if command_id and command_id.startswith(own):
+                    self._note_own_command(sid, command_id[len(own) :])
+                if kind in _VEHICLE_TYPES:
+                    self._apply_vehicle(sid, row)
             elif kind in _PRICE_TYPES and sid == f"market-{self.market_id}":
                 event = load_event(kind, row["schema_version"], row["payload"])
                 price = getattr(event, "price_eur_per_mwh", None)
@@ -1162,6 +1197,17 @@ class SitePolicy:
                 event = load_event(kind, row["schema_version"], row["payload"])
                 self.state = evolve(self.state, event)
                 self.stream_version = int(row["stream_version"])
+
+    def _note_own_command(self, sid: str, rest: str) -> None:
+        """A vehicle event caused by our command `<controller>:<rest>`; keep seqs ahead of us.
+
+        Our own decisions are numbered before they are sent, so in a running policy
+        their vehicle events are never ahead; after a restart they are when the log
+        lost the decision's record but kept its vehicle commands.
+        """
+        head = rest.partition(":")[0]
+        if head.isdigit() and int(head) > self.state.decision_seq:
+            self.orphans.setdefault(int(head), set()).add(sid[len("vehicle-") :])
 
     def _apply_vehicle(self, sid: str, row: Mapping[str, Any]) -> None:
         if sid in self._other_vehicles:
@@ -1241,6 +1287,44 @@ class SitePolicy:
         if self.state.config is None:
             raise RuntimeError(f"dispatcher {self.site_id!r} is not configured")
         return self.state.config
+
+    def _next_decision_seq(self, decision: Decision, at: datetime) -> int:
+        """The seq of a new decision, after recording every orphaned one below it.
+
+        Vehicle hosts answer a command id they have seen as a repeat, whatever it
+        asks: a new decision reusing an orphan's seq would silently not be applied.
+        """
+        if self.orphans:
+            self._record_orphans(decision, at)
+        return self.state.decision_seq + 1
+
+    def _record_orphans(self, decision: Decision, at: datetime) -> None:
+        found = {seq: ids for seq, ids in self.orphans.items() if seq > self.state.decision_seq}
+        self.orphans.clear()
+        if not found:
+            return  # their records were folded after their vehicle events
+        first = self.state.decision_seq + 1
+        for seq in range(first, max(found) + 1):  # the decider takes them one at a time
+            ids = tuple(sorted(found.get(seq, ())))
+            if ids:
+                reason = (
+                    f"decision {seq} reached {len(ids)} vehicle(s) but its own record is not "
+                    "in the log (lost between the appends); its number is not reused"
+                )
+            else:
+                reason = f"decision {seq} left no record and no vehicle command in the log"
+            self._record(
+                decision,
+                RecordOrphanedDecision(
+                    command_id=f"{self.controller_id}:orphan:{seq}",
+                    issued_at=at,
+                    site_id=self.site_id,
+                    decision_seq=seq,
+                    vehicle_ids=ids,
+                    reason=reason,
+                ),
+            )
+        decision.reasons.append(f"orphaned decisions recorded: {first}..{max(found)}")
 
     def _record(self, decision: Decision, command: Command) -> None:
         events = decide(command, self.state)  # type: ignore[arg-type]
@@ -1328,13 +1412,14 @@ class SitePolicy:
         at = utc(at)
         decision = Decision(at, reasons=[f"emergency stop: {reason}"])
         ids = tuple(self._plugged_ids())
+        seq = self._next_decision_seq(decision, at)
         self._record(
             decision,
             ActivateEmergencyStop(
-                command_id=f"{self.controller_id}:{self.state.decision_seq + 1}",
+                command_id=f"{self.controller_id}:{seq}",
                 issued_at=at,
                 site_id=self.site_id,
-                decision_seq=self.state.decision_seq + 1,
+                decision_seq=seq,
                 reason=reason,
                 vehicle_ids=ids,
             ),
@@ -1369,7 +1454,7 @@ class SitePolicy:
             if (at - since).total_seconds() <= timeout or source in self.state.watchdog_tripped:
                 continue
             ids = tuple(self._plugged_ids())
-            seq = self.state.decision_seq + 1
+            seq = self._next_decision_seq(decision, at)
             self._record(
                 decision,
                 TripWatchdog(
@@ -1430,7 +1515,7 @@ class SitePolicy:
                 )
                 reason = f"anti-islanding: {lost}"
                 ids = tuple(self._plugged_ids())
-                seq = self.state.decision_seq + 1
+                seq = self._next_decision_seq(decision, at)
                 self._record(
                     decision,
                     TripAntiIslanding(
@@ -1507,7 +1592,7 @@ class SitePolicy:
             return decision
         self._close_response(at)
         self.response = (at, deltas) if deltas else None
-        seq = self.state.decision_seq + 1
+        seq = self._next_decision_seq(decision, at)
         self._record(
             decision,
             IssueFrequencyResponse(
@@ -1891,7 +1976,7 @@ class SitePolicy:
             changed.append(VehicleSetpoint(vehicle_id=vid, power_kw=p))
         if not changed:
             return
-        seq = self.state.decision_seq + 1
+        seq = self._next_decision_seq(decision, at)
         self._record(
             decision,
             IssueSetpoints(
@@ -1925,6 +2010,7 @@ __all__ = [
     "PlanJob",
     "ReconnectGrid",
     "RecordGridSignal",
+    "RecordOrphanedDecision",
     "RecordPeakShaving",
     "RecordRegulationEnergy",
     "ReserveRegulationCapacity",

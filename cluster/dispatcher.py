@@ -44,7 +44,17 @@ __all__ = [
 ]
 
 _FOLD_SLICE = 250  # log rows folded per hold of the policy's lock
-_ROWS = ["position", "stream_id", "stream_version", "type", "schema_version", "payload", "metadata"]
+# command_id: the policy finds in it its own vehicle commands whose decision record is lost
+_ROWS = [
+    "position",
+    "stream_id",
+    "stream_version",
+    "type",
+    "schema_version",
+    "payload",
+    "metadata",
+    "command_id",
+]
 
 
 def dispatch_deciders() -> list[Decider[Any]]:
@@ -146,10 +156,14 @@ class SiteDispatcher:
         # for every answer a caller gets: it comes only after each host's append is
         # acknowledged, so the measurement (GridSignalRecorded), the decision
         # (FrequencyResponseIssued) and every vehicle's answer are durable. Ids are
-        # fixed by decision_seq, so a retry repeats, never doubles. Not covered: a
-        # crash between the appends can leave setpoints (`<controller>:<seq>:<vehicle>`)
-        # whose decision record is lost; a restarted dispatcher numbers its next
-        # decision with that seq again, and the log answers those setpoints as repeats.
+        # fixed by decision_seq, so a retry repeats, never doubles. A crash between the
+        # appends can leave vehicle commands (`<controller>:<seq>:<vehicle>`) whose
+        # decision record is lost: the restarted policy finds them as it folds the log
+        # (seq above its stream's decision_seq) and records `OrphanedDecisionRecorded`
+        # for that seq before its next decision, which takes seq + 1, so its new
+        # commands are never answered as repeats of the old ones. Still open: commands
+        # of the lost decision that reach a host only after the restart has folded the
+        # log (in flight during the crash) can collide with that seq's reuse.
         commands: list[Command] = [*decision.dispatch, *decision.vehicle]
         if self._cause and commands:  # the decision continues the trace of what caused it
             cause, self._cause = self._cause, ""

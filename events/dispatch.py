@@ -119,6 +119,25 @@ class SetpointsIssued(Event):
     setpoints: tuple[VehicleSetpoint, ...]
 
 
+class OrphanedDecisionRecorded(Event):
+    """Decision `decision_seq` has no record of its own: its number is taken, not reused.
+
+    Its record and its vehicle commands are appended at once, so a crash between the
+    appends can leave vehicle commands named `f"dispatch-{site_id}:{decision_seq}:..."`
+    without the record. A restarted dispatcher that found them records this before its
+    next decision (which is `decision_seq + 1`): reusing the number would make the
+    vehicles answer the new commands as repeats of the old ones. `vehicle_ids` are the
+    vehicles whose commands it found (empty: a number below such a decision, with no
+    command found). The vehicles' own streams hold what they were asked and did.
+    """
+
+    site_id: str
+    at: UtcDatetime
+    decision_seq: Annotated[int, Field(ge=1)]
+    vehicle_ids: tuple[str, ...]
+    reason: Reason
+
+
 class GridSignalRecorded(Event):
     site_id: str
     at: UtcDatetime
@@ -225,6 +244,7 @@ DISPATCH_EVENTS: tuple[type[Event], ...] = (
     DispatcherConfigured,
     DispatchPlanAdopted,
     SetpointsIssued,
+    OrphanedDecisionRecorded,
     GridSignalRecorded,
     FrequencyResponseIssued,
     WatchdogTripped,
@@ -251,6 +271,7 @@ __all__ = [
     "GridReconnected",
     "GridSignalRecorded",
     "KeepAliveSource",
+    "OrphanedDecisionRecorded",
     "PeakShavingDelivered",
     "RegulationCapacityReserved",
     "RegulationEnergyDelivered",

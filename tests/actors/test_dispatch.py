@@ -3,6 +3,7 @@ which its commands go through the real vehicle decider (hosts on a local log, no
 
 from __future__ import annotations
 
+import json
 from datetime import UTC, datetime, timedelta
 
 import pytest
@@ -15,6 +16,7 @@ from actors.dispatch import (
     DISPATCH,
     ConfigureDispatcher,
     IssueSetpoints,
+    RecordOrphanedDecision,
     SitePolicy,
     VehicleView,
     allocate,
@@ -46,7 +48,15 @@ from events.market import PublishPrice, RegisterMarket
 
 T0 = datetime(2024, 3, 12, 0, 0, tzinfo=UTC)
 SITE = "depot-a"
-ROWS = ["position", "stream_id", "stream_version", "type", "schema_version", "payload"]
+ROWS = [
+    "position",
+    "stream_id",
+    "stream_version",
+    "type",
+    "schema_version",
+    "payload",
+    "command_id",
+]
 
 
 def t(minutes: float) -> datetime:
@@ -98,6 +108,40 @@ def test_decisions_are_numbered_without_gaps_and_a_repeat_adds_nothing():
     assert decide(issue, after) == []
     with pytest.raises(CommandRejected, match="skips ahead"):
         decide(issue.model_copy(update={"decision_seq": 3}), after)
+
+
+def orphaned(seq: int, command_id: str = "o") -> RecordOrphanedDecision:
+    return RecordOrphanedDecision(
+        command_id=command_id,
+        issued_at=T0,
+        site_id=SITE,
+        decision_seq=seq,
+        vehicle_ids=("v1",),
+        reason="lost between the appends",
+    )
+
+
+def test_an_orphaned_decision_takes_exactly_the_next_seq_and_the_next_decision_the_one_after():
+    state = given(configure())
+    with pytest.raises(CommandRejected, match="skips ahead"):
+        decide(orphaned(2), state)
+    [event] = decide(orphaned(1), state)
+    assert type(event).__name__ == "OrphanedDecisionRecorded"
+    assert event.decision_seq == 1 and event.vehicle_ids == ("v1",)
+    after = evolve(state, event)
+    assert after.decision_seq == 1
+    assert decide(orphaned(1, "o-again"), after) == []  # recorded once
+    issue = IssueSetpoints(
+        command_id="d",
+        issued_at=T0,
+        site_id=SITE,
+        decision_seq=1,
+        kind="plan",
+        valid_until=t(15),
+        setpoints=(VehicleSetpoint(vehicle_id="v1", power_kw=-3.0),),
+    )
+    assert decide(issue, after) == []  # its number is taken
+    assert decide(issue.model_copy(update={"decision_seq": 2}), after) != []
 
 
 def test_during_an_emergency_stop_only_zero_setpoints_are_recorded():
@@ -416,6 +460,21 @@ class Site:
     def vehicle(self, vid: str):
         return self.hosts["vehicle"].state(vid)
 
+    def restart(self) -> None:
+        """A new dispatcher process: a fresh policy folding the same log."""
+        self.policy = SitePolicy(SITE, watched=self.policy.watched)
+        self.sync()
+
+    def setpoints_in_log(self, seq: int) -> dict[str, float]:
+        """Vehicle -> power the vehicles accepted from our decision `seq` (their own events)."""
+        rows = self.log.read_all(columns=["type", "command_id", "payload"]).to_pylist()
+        prefix = f"{self.policy.controller_id}:{seq}:"
+        return {
+            r["command_id"][len(prefix) :]: json.loads(r["payload"])["power_kw"]
+            for r in rows
+            if r["type"] == "VehicleSetpointAccepted" and r["command_id"].startswith(prefix)
+        }
+
     def close(self):
         self.log.close()
 
@@ -705,3 +764,87 @@ def test_another_controllers_vehicle_is_left_alone(site):
         ]
     )
     assert refused[0].event_types == ("VehicleSetpointRejected",)
+
+
+# --------------------------------------------------------------------------- a lost record
+
+
+def only(kind, commands):
+    return [c for c in commands if isinstance(c, kind)]
+
+
+def test_a_decision_whose_record_was_lost_is_recorded_as_orphaned_and_its_seq_not_reused(site):
+    site.prices([400.0 - 10 * k for k in range(24)])
+    site.act(site.policy.tick(t(1)))  # decision 1, recorded whole
+    site.policy.set_target(-6.0)
+    crashed = site.policy.tick(t(1.2))
+    [lost] = only(IssueSetpoints, crashed.dispatch)
+    assert lost.decision_seq == 2
+    # the crash: the vehicles' appends of decision 2 made it to the log, its record did not
+    site.send([c for c in crashed.dispatch if c is not lost] + crashed.vehicle)
+    asked = {c.vehicle_id: c.power_kw for c in only(RequestSetpoint, crashed.vehicle)}
+    assert asked and site.setpoints_in_log(2) == pytest.approx(asked)
+
+    site.restart()
+    assert site.policy.state.decision_seq == 1  # what the dispatcher's own stream says
+    site.policy.set_target(-20.0)
+    decision = site.policy.tick(t(1.4))
+    orphan, issued = only((RecordOrphanedDecision, IssueSetpoints), decision.dispatch)
+    assert isinstance(orphan, RecordOrphanedDecision) and orphan.decision_seq == 2
+    assert orphan.vehicle_ids == tuple(sorted(asked))
+    assert isinstance(issued, IssueSetpoints) and issued.decision_seq == 3
+    results = site.act(decision)
+    assert all(r.status == "recorded" and not r.duplicate for r in results)
+
+    new_kw = {s.vehicle_id: s.power_kw for s in issued.setpoints}
+    assert any(abs(new_kw[v] - asked[v]) > 1.0 for v in asked)  # it asks for something else
+    assert site.setpoints_in_log(3) == pytest.approx(new_kw)
+    for vid, power_kw in new_kw.items():
+        setpoint = site.vehicle(vid).setpoint
+        assert setpoint.power_kw == pytest.approx(power_kw)
+        assert setpoint.valid_until == issued.valid_until
+    # the dispatcher's stream explains the gap: 1, 2 (orphaned), 3
+    rows = site.log.read_all(columns=["stream_id", "type", "payload"]).to_pylist()
+    numbered = [
+        (r["type"], json.loads(r["payload"])["decision_seq"])
+        for r in rows
+        if r["stream_id"] == "dispatch-depot-a" and "decision_seq" in r["payload"]
+    ]
+    assert numbered == [
+        ("SetpointsIssued", 1),
+        ("OrphanedDecisionRecorded", 2),
+        ("SetpointsIssued", 3),
+    ]
+
+
+def test_numbers_lost_without_a_trace_below_an_orphan_are_recorded_too(site):
+    site.prices([400.0 - 10 * k for k in range(24)])
+    site.act(site.policy.tick(t(1)))
+    site.policy.set_target(-6.0)
+    site.policy.tick(t(1.2))  # decision 2: nothing of it reaches the log
+    site.policy.set_target(-20.0)
+    crashed = site.policy.tick(t(1.3))  # decision 3: only its vehicle commands do
+    site.send(crashed.vehicle)
+    site.restart()
+    site.policy.set_target(-10.0)
+    decision = site.policy.tick(t(1.4))
+    orphans = only(RecordOrphanedDecision, decision.dispatch)
+    assert [(o.decision_seq, bool(o.vehicle_ids)) for o in orphans] == [(2, False), (3, True)]
+    [issued] = only(IssueSetpoints, decision.dispatch)
+    assert issued.decision_seq == 4
+    assert all(r.ok and not r.duplicate for r in site.act(decision))
+
+
+def test_a_restart_after_nothing_was_lost_records_no_orphan(site):
+    site.prices([400.0 - 10 * k for k in range(24)])
+    decision = site.policy.tick(t(1))
+    # the hosts append concurrently: the vehicles' events may precede the record's
+    site.send(decision.vehicle)
+    site.send(decision.dispatch)
+    site.restart()
+    site.policy.set_target(-6.0)
+    after = site.policy.tick(t(1.2))
+    assert only(RecordOrphanedDecision, after.dispatch) == []
+    [issued] = only(IssueSetpoints, after.dispatch)
+    assert issued.decision_seq == 2
+    assert all(r.ok and not r.duplicate for r in site.act(after))

@@ -9,7 +9,7 @@ from datetime import UTC, datetime, timedelta
 import pytest
 import ray
 
-from actors.dispatch import ConfigureDispatcher
+from actors.dispatch import ConfigureDispatcher, IssueSetpoints, RecordOrphanedDecision
 from actors.vehicle import (
     GrantControl,
     PlugIn,
@@ -18,7 +18,13 @@ from actors.vehicle import (
     RequestSetpoint,
     RequestSetpoints,
 )
-from cluster.dispatcher import embedded_fleet, start_coordinator, start_dispatchers, stop_all
+from cluster.dispatcher import (
+    SiteDispatcher,
+    embedded_fleet,
+    start_coordinator,
+    start_dispatchers,
+    stop_all,
+)
 from cluster.runtime import _OnePickle, _packed
 from events.dispatch import TransformerLimit
 from events.market import PublishPrice, RegisterMarket
@@ -117,8 +123,13 @@ def test_each_site_dispatcher_takes_its_vehicles_and_sells_the_peak(system):
     for site in SITES:
         states = wait_until(lambda site=site: discharging(fleet, site))
         assert {s.lease.controller_id for s in states} == {f"dispatch-{site}"}
-    adopted = [e.type for e in fleet.events("dispatch-site-a")]
-    assert "DispatchPlanAdopted" in adopted and "SetpointsIssued" in adopted
+    # the decision's record is appended beside its setpoints, not before: it may land later
+    wait_until(
+        lambda: (
+            {"DispatchPlanAdopted", "SetpointsIssued"}
+            <= {e.type for e in fleet.events("dispatch-site-a")}
+        )
+    )
 
 
 def test_a_second_dispatcher_cannot_command_a_vehicle_it_does_not_lease(system):
@@ -241,3 +252,80 @@ def test_a_decision_continues_the_trace_of_the_event_it_answers(system):
 
     [first, *_] = wait_until(traced_decision)  # the next decision's own record carries it
     assert first.command_id.startswith("dispatch-site-a")
+
+
+def test_a_restarted_dispatcher_records_a_lost_decision_and_does_not_reuse_its_number(system):
+    fleet, _, _ = system
+    site, vids = "site-c", ("site-c-ev0", "site-c-ev1")
+    now = datetime.now(UTC)
+    commands = []
+    for i, vid in enumerate(vids):
+        commands += [
+            RegisterVehicle(
+                command_id=f"reg-{vid}",
+                issued_at=now,
+                vehicle_id=vid,
+                model="Kia Niro",
+                site_id=site,
+            ),
+            PlugIn(
+                command_id=f"plug-{vid}",
+                issued_at=now,
+                vehicle_id=vid,
+                charger_id=f"{site}-cp{i}",
+                charger_max_charge_kw=11,
+                charger_max_discharge_kw=11,
+            ),
+            ReportTelemetry(
+                command_id=f"tel-{vid}",
+                issued_at=now,
+                vehicle_id=vid,
+                measured_at=now,
+                soc=0.8,
+                battery_temp_c=25,
+                soh=0.95,
+            ),
+        ]
+    assert all(r.ok for r in fleet.send_many(commands))
+    config = ConfigureDispatcher(
+        command_id=f"cfg-{site}",
+        issued_at=now,
+        site_id=site,
+        transformers=(TransformerLimit(transformer_id="t1", import_kw=100, export_kw=100),),
+        lease_s=60,
+    )
+    # not started: no loop, each step ticked here with its own time
+    first = SiteDispatcher(fleet.runtime, site, config)
+    first.tick(now + timedelta(seconds=1))
+    first.set_target(-8.0)
+    crashed = first.policy.tick(now + timedelta(seconds=2))
+    [lost] = [c for c in crashed.dispatch if isinstance(c, IssueSetpoints)]
+    # the crash between the appends: the vehicles' made it, the decision's record did not
+    first.send([c for c in crashed.dispatch if c is not lost] + crashed.vehicle)
+    asked = {c.vehicle_id: c.power_kw for c in crashed.vehicle if isinstance(c, RequestSetpoint)}
+    assert asked
+
+    restarted = SiteDispatcher(fleet.runtime, site, config)  # folds the same log
+    assert restarted.status()["decision_seq"] == lost.decision_seq - 1
+    restarted.set_target(-4.0)
+    decision = restarted.tick(now + timedelta(seconds=3))
+    orphan, issued = [
+        c for c in decision.dispatch if isinstance(c, RecordOrphanedDecision | IssueSetpoints)
+    ]
+    assert isinstance(orphan, RecordOrphanedDecision)
+    assert orphan.decision_seq == lost.decision_seq and orphan.vehicle_ids == tuple(sorted(asked))
+    assert isinstance(issued, IssueSetpoints) and issued.decision_seq == lost.decision_seq + 1
+    assert not restarted.results  # nothing rejected
+    new_kw = {s.vehicle_id: s.power_kw for s in issued.setpoints}
+    assert any(abs(new_kw[v] - asked[v]) > 1.0 for v in asked)
+    for vid, power_kw in new_kw.items():
+        assert fleet.state("vehicle", vid).setpoint.power_kw == pytest.approx(power_kw)
+        [accepted] = [
+            e.event()
+            for e in fleet.events(f"vehicle-{vid}")
+            if e.command_id == f"dispatch-{site}:{issued.decision_seq}:{vid}"
+        ]
+        assert accepted.power_kw == pytest.approx(power_kw)
+    types = [e.type for e in fleet.events(f"dispatch-{site}")]
+    assert types.count("OrphanedDecisionRecorded") == 1
+    assert restarted.status()["decision_seq"] == issued.decision_seq
