@@ -297,6 +297,7 @@ ALARM_TYPES = (
     "VehicleSafeStateEntered",
     "OcppConnectionRejected",
     "TelemetryMessageRejected",
+    "OrphanedDecisionRecorded",  # a dispatcher restarted after losing a decision record
 )
 
 
