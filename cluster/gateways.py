@@ -47,12 +47,12 @@ import json
 import logging
 import os
 import tempfile
+import time
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
 from typing import Any
 
-import pyarrow.compute as pc
 import ray
 
 from actors.charger import RegisterCharger
@@ -818,8 +818,10 @@ class SetpointRelay:
     """Follows the log; every setpoint decision becomes a call to the device's gateway.
 
     The position it has relayed, with the `RelayState` it folded, is written
-    atomically to `<data_dir>/relay/setpoint-relay.json` after each batch of
-    calls, so a restart resumes there: at most the batch in flight at a crash is
+    atomically to `<data_dir>/relay/setpoint-relay.json` after each round that
+    relayed something (and every few seconds while only other events pass; it asks
+    the log for the relayed types alone), so a restart resumes there: at most the
+    batch in flight at a crash is
     sent again (a station re-receives the same profile; an inverter's confirmation
     has the same command id and is recorded once), and nothing is skipped. Within a
     batch only the last setpoint per device is sent, and one that has expired is
@@ -847,6 +849,7 @@ class SetpointRelay:
         self.errors = 0
         self._handles: dict[str, Any] = {}
         self._relayed = asyncio.Condition()
+        self._persisted_at = 0.0
         self._stopping = asyncio.Event()
         self._task = asyncio.get_running_loop().create_task(self._run())
 
@@ -891,13 +894,23 @@ class SetpointRelay:
             self.fold.state.position + 1,
             upper,
             ["position", "stream_id", "type", "event_id", "payload", "metadata"],
+            None,
+            None,
+            None,
+            RELAYED_TYPES_SORTED,  # the log filters: telemetry never crosses to the relay
         )
-        table = table.filter(pc.is_in(table.column("type"), value_set=_type_set()))
-        rows = sorted(table.to_pylist(), key=lambda r: r["position"])
+        rows = table.to_pylist()  # in position order, as the log returns them
         chargers, inverters = self.fold.apply(rows)
         self.fold.state.position = upper
         await self._perform(chargers, inverters)
-        await asyncio.to_thread(self._persist)
+        # A round with nothing to relay changes only the position; writing (and
+        # fsyncing) the state for it at every commit of the log would cost more than
+        # everything else the relay does. Skipping it is safe: after a restart those
+        # events are read again and relay nothing.
+        now = time.monotonic()
+        if rows or now - self._persisted_at >= _PERSIST_IDLE_S:
+            await asyncio.to_thread(self._persist)
+            self._persisted_at = now
         async with self._relayed:
             self._relayed.notify_all()
 
@@ -979,11 +992,9 @@ def _relayed(call: ChargerCall) -> str:
         return handed_on(span, call.traceparent)
 
 
-@functools.cache
-def _type_set() -> Any:
-    import pyarrow as pa
-
-    return pa.array(sorted(RELAYED_TYPES), pa.string())
+RELAYED_TYPES_SORTED = sorted(RELAYED_TYPES)
+#: how often an idle relay records the position it has read up to
+_PERSIST_IDLE_S = 5.0
 
 
 # --- launching ---------------------------------------------------------------------

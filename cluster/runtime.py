@@ -98,9 +98,17 @@ class LogService:
         shard: tuple[int, int] | None = None,
         partition: int | None = None,
         stream_id: str | None = None,
+        types: Sequence[str] | None = None,
     ) -> pa.Table:
         return await asyncio.to_thread(
-            self.log.read_all, from_position, to_position, columns, shard, partition, stream_id
+            self.log.read_all,
+            from_position,
+            to_position,
+            columns,
+            shard,
+            partition,
+            stream_id,
+            types,
         )
 
     async def read_stream(self, stream_id: str, from_version: int = 1) -> pa.Table:
@@ -166,9 +174,10 @@ class RayLogPort:
         shard: tuple[int, int] | None = None,
         partition: int | None = None,
         stream_id: str | None = None,
+        types: Sequence[str] | None = None,
     ) -> pa.Table:
         ref = self._log.read_all.remote(
-            from_position, to_position, columns, shard, partition, stream_id
+            from_position, to_position, columns, shard, partition, stream_id, types
         )
         return ray.get(ref)  # type: ignore[no-any-return]
 

@@ -813,12 +813,14 @@ class EventLog:
         shard: tuple[int, int] | None = None,
         partition: int | None = None,
         stream_id: str | None = None,
+        types: Sequence[str] | None = None,
     ) -> pa.Table:
         """Events with from_position <= position <= to_position (default: the watermark).
 
         `shard=(index, count)` keeps streams with `stream_hash % count == index`,
         which is how entity hosts load the streams they own; `stream_id` keeps one
-        stream (reading only its partition).
+        stream (reading only its partition); `types` keeps the events of those types
+        (a follower that needs a few types does not receive the telemetry it skips).
         """
         if stream_id is not None:
             partition = stream_hash(stream_id) % self.partition_count
@@ -865,6 +867,8 @@ class EventLog:
             index, count = shard
             hashes = table.column("stream_hash").to_numpy()
             table = table.filter(pa.array(hashes % count == index))
+        if types is not None:
+            table = table.filter(pc.is_in(table.column("type"), pa.array(list(types), pa.string())))
         table = table.sort_by("position")
         return table.select(list(columns)) if columns else table
 

@@ -434,8 +434,11 @@ def test_a_restarted_relay_resumes_from_its_position_without_skipping_or_floodin
     wait_until(
         lambda: ray.get(relay.status.remote())["pid"] != before["pid"], what="a restarted relay"
     )
-    after = ray.get(relay.status.remote())  # it read its position file
-    assert after["position"] >= before["position"] and after["sent_to_chargers"] == 0
+    # It read its position file: the last round that relayed something (rounds with
+    # nothing to relay are not written at once), so it may read a few events again,
+    # which relay nothing: below, only the new decision goes out.
+    after = ray.get(relay.status.remote())
+    assert 0 < after["position"] <= before["position"] and after["sent_to_chargers"] == 0
 
     # A new decision after the restart is relayed, and only that one. CS-A is not
     # connected now, so the gateway records the attempt as "station offline".

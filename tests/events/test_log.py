@@ -128,6 +128,20 @@ def test_shard_reads_keep_only_the_streams_a_host_owns(log):
     assert not (owned[0] & owned[1]) and not (owned[1] & owned[2])
 
 
+def test_a_follower_can_ask_for_only_the_types_it_follows(log):
+    builder = PendingBatchBuilder()
+    for i in range(60):  # past seal_events: sealed segments and the write-ahead tail
+        kind = "Pinged" if i % 3 else "Plugged"
+        builder.add(f"v-{i}", 1, f"c-{i}/0", kind, 1, T0, f"c-{i}", "", f'{{"n":{i}}}')
+    log.append_batch(builder.build())
+    log.flush_seals()
+
+    plugged = log.read_all(from_position=10, types=["Plugged"], columns=["position", "type"])
+
+    assert plugged.column("type").to_pylist() == ["Plugged"] * 17
+    assert plugged.column("position").to_pylist() == list(range(10, 61, 3))
+
+
 def test_a_batch_whose_command_spans_two_streams_is_refused(log):
     builder = PendingBatchBuilder()
     builder.add("vehicle-1", 1, "c/0", "Pinged", 1, T0, "c", "", '{"n":1}')
