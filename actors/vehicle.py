@@ -715,50 +715,77 @@ def _lease_refusal(state: VehicleState, controller_id: str, at: datetime) -> str
     return f"{prefix}: {lease.controller_id!r} holds it until {lease.lease_until.isoformat()}"
 
 
+def _rejected_setpoint(
+    state: VehicleState,
+    controller_id: str,
+    power_kw: float,
+    valid_until: datetime,
+    at: datetime,
+    reason: str,
+) -> VehicleSetpointRejected:
+    return VehicleSetpointRejected(
+        vehicle_id=state.vehicle_id,
+        at=at,
+        controller_id=controller_id,
+        requested_power_kw=power_kw,
+        valid_until=valid_until,
+        reason=reason,
+    )
+
+
+def _accepted_setpoint(
+    state: VehicleState,
+    controller_id: str,
+    power_kw: float,
+    valid_until: datetime,
+    at: datetime,
+    granted_kw: float,
+    limited_by: tuple[LimitReason, ...],
+) -> VehicleSetpointAccepted:
+    # Not validated again (a third of a setpoint's decision; a frequency event
+    # decides 500 a shard): ids and times come from the validated command, times
+    # go to UTC as the event's type does, and the granted power is the minimum of
+    # the request and finite limits. Finiteness is checked all the same, because
+    # a dispatcher may build its commands without validation.
+    if not (math.isfinite(power_kw) and math.isfinite(granted_kw)):
+        raise CommandRejected(f"power_kw: {power_kw!r} is not a finite number")
+    return _trusted(
+        VehicleSetpointAccepted,
+        {
+            "vehicle_id": state.vehicle_id,
+            "at": _in_utc(at),
+            "controller_id": controller_id,
+            "requested_power_kw": float(power_kw),
+            "power_kw": float(granted_kw),
+            "valid_until": _in_utc(valid_until),
+            "limited_by": limited_by,
+        },
+    )
+
+
+def _in_utc(dt: datetime) -> datetime:
+    # `utc` converts (a new object) even what is in UTC already, as commands' times are
+    return dt if dt.tzinfo is UTC else utc(dt)
+
+
 def _judge_setpoint(
     state: VehicleState, controller_id: str, power_kw: float, valid_until: datetime, at: datetime
 ) -> VehicleSetpointAccepted | VehicleSetpointRejected:
-    def rejected(reason: str) -> VehicleSetpointRejected:
-        return VehicleSetpointRejected(
-            vehicle_id=state.vehicle_id,
-            at=at,
-            controller_id=controller_id,
-            requested_power_kw=power_kw,
-            valid_until=valid_until,
-            reason=reason,
-        )
-
-    def accepted(granted_kw: float, limited_by: tuple[LimitReason, ...]) -> VehicleSetpointAccepted:
-        # Not validated again (a third of a setpoint's decision; a frequency event
-        # decides 500 a shard): ids and times come from the validated command, times
-        # go to UTC as the event's type does, and the granted power is the minimum of
-        # the request and finite limits. Finiteness is checked all the same, because
-        # a dispatcher may build its commands without validation.
-        if not (math.isfinite(power_kw) and math.isfinite(granted_kw)):
-            raise CommandRejected(f"power_kw: {power_kw!r} is not a finite number")
-        return _trusted(
-            VehicleSetpointAccepted,
-            {
-                "vehicle_id": state.vehicle_id,
-                "at": utc(at),
-                "controller_id": controller_id,
-                "requested_power_kw": float(power_kw),
-                "power_kw": float(granted_kw),
-                "valid_until": utc(valid_until),
-                "limited_by": limited_by,
-            },
-        )
-
     lease_refusal = _lease_refusal(state, controller_id, at)
     if lease_refusal is not None:
-        return rejected(lease_refusal)
+        return _rejected_setpoint(state, controller_id, power_kw, valid_until, at, lease_refusal)
     if power_kw == 0:
-        return accepted(0.0, ())
+        return _accepted_setpoint(state, controller_id, power_kw, valid_until, at, 0.0, ())
     assert state.lease is not None
     if valid_until > state.lease.lease_until:
-        return rejected(
+        return _rejected_setpoint(
+            state,
+            controller_id,
+            power_kw,
+            valid_until,
+            at,
             f"valid_until {valid_until.isoformat()} is after the control lease ends at "
-            f"{state.lease.lease_until.isoformat()}: renew the lease first"
+            f"{state.lease.lease_until.isoformat()}: renew the lease first",
         )
     hours = (valid_until - at).total_seconds() / 3600.0
     if power_kw < 0:
@@ -766,17 +793,27 @@ def _judge_setpoint(
     else:
         limits = _charge_limits_kw(state, at, hours)
     if isinstance(limits, str):
-        return rejected(limits)
+        return _rejected_setpoint(state, controller_id, power_kw, valid_until, at, limits)
     requested_kw = abs(power_kw)
-    granted_kw = min(requested_kw, *(limit_kw for _, limit_kw in limits))
+    granted_kw = requested_kw
+    for _, limit_kw in limits:
+        if limit_kw < granted_kw:
+            granted_kw = limit_kw
     # Name the limits that set the power (each of them on a tie), not every limit
     # that happened to be below the request.
-    limited_by = tuple(
-        reason
-        for reason, limit_kw in limits
-        if granted_kw < requested_kw and limit_kw <= granted_kw + _SAME_POWER_KW
+    limited_by: tuple[LimitReason, ...] = ()
+    if granted_kw < requested_kw:
+        tie_kw = granted_kw + _SAME_POWER_KW
+        limited_by = tuple(reason for reason, limit_kw in limits if limit_kw <= tie_kw)
+    return _accepted_setpoint(
+        state,
+        controller_id,
+        power_kw,
+        valid_until,
+        at,
+        math.copysign(granted_kw, power_kw),
+        limited_by,
     )
-    return accepted(math.copysign(granted_kw, power_kw), limited_by)
 
 
 def _refusal_key(event: VehicleSetpointRejected | VehicleControlRefused) -> str:
@@ -861,7 +898,10 @@ def evolve(state: VehicleState, event: Event) -> VehicleState:
                     "limited_by": event.limited_by,
                 },
             )
-            return _changed(state, **{**_ending_setpoint(state, event.at), "setpoint": setpoint})
+            ending = _ending_setpoint(state, event.at)
+            ending["setpoint"] = setpoint
+            ending["last_refusal"] = None
+            return _replaced(state, ending)
         case VehicleSetpointRejected():
             changes: dict[str, Any] = {"last_refusal": _refusal_key(event)}
             if state.setpoint is not None and state.setpoint.controller_id == event.controller_id:
