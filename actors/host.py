@@ -14,6 +14,7 @@ first result, including after a restart and for Ray's retried calls.
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import threading
@@ -289,12 +290,11 @@ class EntityHost:
             appended, rows, strict=True
         ):
             if conflict is None and not duplicate:  # the common case first
-                results[i] = CommandResult(
-                    command_id=command.command_id,
-                    stream_id=sid,
-                    status="recorded",
-                    positions=(first,) if count == 1 else tuple(range(first, first + count)),
-                    event_types=types,
+                results[i] = _recorded(
+                    command.command_id,
+                    sid,
+                    (first,) if count == 1 else tuple(range(first, first + count)),
+                    types,
                 )
                 last = first + count - 1
             elif conflict is not None:
@@ -552,27 +552,65 @@ def _results_from_columns(
     reasons: list[str],
     duplicates: list[bool],
 ) -> list[CommandResult]:
-    return [
-        CommandResult(
-            command_id=c,
-            stream_id=s,
-            status=st,
-            positions=p,
-            event_types=t,
-            reason=r,
-            duplicate=d,
-        )
-        for c, s, st, p, t, r, d in zip(
-            command_ids,
-            stream_ids,
-            statuses,
-            positions,
-            event_types,
-            reasons,
-            duplicates,
-            strict=True,
-        )
-    ]
+    # The dispatcher unpickles a thousand of these per frequency event, on its
+    # critical path: filled through the slots, 0.2 ms per 500 against 0.5 ms for
+    # the frozen dataclass's __init__ (the values are the host's own results).
+    set_id, set_stream, set_status, set_positions, set_types, set_reason, set_dup = _RESULT_SLOTS
+    new = object.__new__
+    results = []
+    append = results.append
+    for c, s, st, p, t, r, d in zip(
+        command_ids,
+        stream_ids,
+        statuses,
+        positions,
+        event_types,
+        reasons,
+        duplicates,
+        strict=True,
+    ):
+        result = new(CommandResult)
+        set_id(result, c)
+        set_stream(result, s)
+        set_status(result, st)
+        set_positions(result, p)
+        set_types(result, t)
+        set_reason(result, r)
+        set_dup(result, d)
+        append(result)
+    return results
+
+
+# The setters of CommandResult's slots, in field order: building one without its
+# frozen __init__ (which sets each field through object.__setattr__) costs a third.
+# Should a field be added, this fails at import rather than leave it unset.
+_RESULT_FIELDS = (
+    "command_id",
+    "stream_id",
+    "status",
+    "positions",
+    "event_types",
+    "reason",
+    "duplicate",
+)
+assert tuple(f.name for f in dataclasses.fields(CommandResult)) == _RESULT_FIELDS
+_RESULT_SLOTS = tuple(getattr(CommandResult, name).__set__ for name in _RESULT_FIELDS)
+
+
+def _recorded(
+    command_id: str, stream_id: str, positions: tuple[int, ...], event_types: tuple[str, ...]
+) -> CommandResult:
+    """`CommandResult(status="recorded", ...)` for a newly appended command, built as above."""
+    set_id, set_stream, set_status, set_positions, set_types, set_reason, set_dup = _RESULT_SLOTS
+    result = object.__new__(CommandResult)
+    set_id(result, command_id)
+    set_stream(result, stream_id)
+    set_status(result, "recorded")
+    set_positions(result, positions)
+    set_types(result, event_types)
+    set_reason(result, "")
+    set_dup(result, False)
+    return result
 
 
 def _snapshot_line(stream_id: str, version: int, state: Any) -> str:

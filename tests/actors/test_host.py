@@ -186,6 +186,56 @@ def test_a_batch_of_results_crosses_a_process_boundary_as_a_plain_list(log):
         assert type(arrived) is list and arrived == list(results)
 
 
+def test_results_built_through_their_slots_equal_constructed_ones(log):
+    # The host and the unpickler fill CommandResult's slots without its __init__:
+    # each field must be set, to the value the constructor would give, and stay frozen.
+    import dataclasses
+    import pickle
+
+    from actors.decider import CommandResult
+
+    host = EntityHost(COUNTER, log)
+    host.handle([cmd(OpenCounter, "c1", counter_id="a")])
+    results = host.handle(
+        [
+            cmd(Add, "c2", counter_id="a", amount=5),
+            cmd(OpenCounter, "c1", counter_id="a"),  # a repeat: its first answer
+            cmd(Add, "c3", counter_id="zzz", amount=1),
+        ]
+    )
+    expected = [
+        CommandResult(
+            command_id="c2",
+            stream_id="counter-a",
+            status="recorded",
+            positions=results[0].positions,
+            event_types=("Added",),
+        ),
+        CommandResult(
+            command_id="c1",
+            stream_id="counter-a",
+            status="recorded",
+            positions=results[1].positions,
+            event_types=("CounterOpened",),
+            duplicate=True,
+        ),
+        CommandResult(
+            command_id="c3",
+            stream_id="counter-zzz",
+            status="rejected",
+            reason=results[2].reason,
+        ),
+    ]
+    assert results == expected and results[2].reason
+    for arrived in (results, pickle.loads(pickle.dumps(results))):
+        assert [dataclasses.astuple(r) for r in arrived] == [
+            dataclasses.astuple(r) for r in expected
+        ]
+        assert [hash(r) for r in arrived] == [hash(r) for r in expected]
+        with pytest.raises(dataclasses.FrozenInstanceError):
+            arrived[0].status = "rejected"  # type: ignore[misc]
+
+
 def test_vehicle_states_snapshot_and_replay_to_the_same_states(log, tmp_path):
     # Vehicle states are built without validation on the hot path; a snapshot of
     # them must load (validated) into the same states a full replay gives.
