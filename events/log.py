@@ -836,6 +836,9 @@ class EventLog:
                 )
                 for part in self._parts
             ]
+        # Only the columns asked for, and those the filters need, are read and carried
+        # through the filters: followers ask for a few columns of the newest events.
+        needed = _needed_columns(columns, stream_id, shard, types)
         tables: list[pa.Table] = []
         if upper >= from_position:
             for part, segments, wals in plan:
@@ -846,21 +849,23 @@ class EventLog:
                         continue
                     t = pq.read_table(
                         self._segment_path(part, seg),
+                        columns=needed,
                         filesystem=self._fs,
                         filters=[("position", ">=", from_position), ("position", "<=", upper)],
                     )
-                    tables.append(t.cast(RECORD_SCHEMA))
+                    tables.append(t.cast(_schema_of(needed)))
                 for batches in wals:
                     if batches:
-                        tables.append(pa.Table.from_batches(batches, RECORD_SCHEMA))
+                        t = pa.Table.from_batches(batches, RECORD_SCHEMA)
+                        tables.append(t if needed is None else t.select(needed))
         if not tables:
-            table = RECORD_SCHEMA.empty_table()
+            table = _schema_of(needed).empty_table()
         else:
             table = pa.concat_tables(tables)
-            pos = table.column("position")
-            table = table.filter(
-                pc.and_(pc.greater_equal(pos, from_position), pc.less_equal(pos, upper))
-            )
+            pos = table.column("position").to_numpy()
+            keep = (pos >= from_position) & (pos <= upper)
+            if not keep.all():
+                table = table.filter(pa.array(keep))
         if stream_id is not None:
             table = table.filter(pc.equal(table.column("stream_id"), stream_id))
         if shard is not None:
@@ -869,7 +874,9 @@ class EventLog:
             table = table.filter(pa.array(hashes % count == index))
         if types is not None:
             table = table.filter(pc.is_in(table.column("type"), pa.array(list(types), pa.string())))
-        table = table.sort_by("position")
+        pos = table.column("position").to_numpy()
+        if pos.size > 1 and not (pos[1:] > pos[:-1]).all():  # partitions interleave
+            table = table.take(pa.array(np.argsort(pos, kind="stable")))
         return table.select(list(columns)) if columns else table
 
     def read_stream(self, stream_id: str, from_version: int = 1) -> list[RecordedEvent]:
@@ -934,6 +941,35 @@ def _check_commands_are_contiguous(batch: pa.RecordBatch) -> None:
             f"command {cmd[k].as_py()!r}: its events must be on one stream, "
             "with consecutive versions"
         )
+
+
+def _needed_columns(
+    columns: Sequence[str] | None,
+    stream_id: str | None,
+    shard: tuple[int, int] | None,
+    types: Sequence[str] | None,
+) -> list[str] | None:
+    """The record columns a read carries: those asked for plus those its filters use,
+    in record order (None: all of them)."""
+    if not columns:
+        return None
+    wanted = {"position", *columns}
+    if stream_id is not None:
+        wanted.add("stream_id")
+    if shard is not None:
+        wanted.add("stream_hash")
+    if types is not None:
+        wanted.add("type")
+    unknown = wanted - set(RECORD_SCHEMA.names)
+    if unknown:
+        raise KeyError(f"no such record columns: {sorted(unknown)}")
+    return [name for name in RECORD_SCHEMA.names if name in wanted]
+
+
+def _schema_of(names: list[str] | None) -> pa.Schema:
+    if names is None:
+        return RECORD_SCHEMA
+    return pa.schema([RECORD_SCHEMA.field(name) for name in names])
 
 
 def to_recorded(table: pa.Table) -> list[RecordedEvent]:

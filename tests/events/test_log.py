@@ -142,6 +142,36 @@ def test_a_follower_can_ask_for_only_the_types_it_follows(log):
     assert plugged.column("position").to_pylist() == list(range(10, 61, 3))
 
 
+def test_a_projected_read_filters_on_columns_it_does_not_return(log):
+    for i in range(30):  # rounds spread over the partitions, past seal_events
+        builder = PendingBatchBuilder()
+        for k in range(3):
+            sid = f"v-{k}"
+            builder.add(sid, i + 1, f"c-{i}-{k}/0", "Pinged", 1, T0, f"c-{i}-{k}", "", "{}")
+        log.append_batch(builder.build())
+    log.flush_seals()
+    everything = log.read_all()
+
+    one = log.read_all(from_position=20, to_position=70, stream_id="v-1", columns=["payload"])
+    owned = log.read_all(from_position=5, shard=(1, 3), columns=["position"])
+
+    assert one.column_names == ["payload"] and one.num_rows == 17
+    expected = [
+        p
+        for p, s, h in zip(
+            everything.column("position").to_pylist(),
+            everything.column("stream_id").to_pylist(),
+            everything.column("stream_hash").to_pylist(),
+            strict=True,
+        )
+        if p >= 5 and h % 3 == 1
+    ]
+    assert owned.column("position").to_pylist() == expected
+    assert everything.column("position").to_pylist() == list(range(1, 91))
+    with pytest.raises(KeyError):
+        log.read_all(columns=["position", "no_such_column"])
+
+
 def test_a_batch_whose_command_spans_two_streams_is_refused(log):
     builder = PendingBatchBuilder()
     builder.add("vehicle-1", 1, "c/0", "Pinged", 1, T0, "c", "", '{"n":1}')
