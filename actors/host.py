@@ -182,10 +182,14 @@ class EntityHost:
         traced: list[trace.SpanContext] = []
         decide, evolve = self.decider.decide, self.decider.evolve
         command_types = self.decider.command_types
+        # isinstance against a tuple of pydantic classes goes through their
+        # metaclass's check for each one (~0.9 us a command for the vehicle's 11);
+        # the exact type is looked up first, subclasses still pass by isinstance
+        exact_types = frozenset(command_types)
         shard_index, shard_count = self.shard.index, self.shard.count
         states, versions = self._states, self._versions
         for i, command in enumerate(commands):
-            if not isinstance(command, command_types):
+            if type(command) not in exact_types and not isinstance(command, command_types):
                 results[i] = self._rejected(command, self._misrouted(command))
                 continue
             sid = command.stream_id
