@@ -21,7 +21,6 @@ import asyncio
 from collections.abc import AsyncIterator, Sequence
 from typing import Any
 
-import pyarrow as pa
 import pyarrow.compute as pc
 import ray
 import ray.exceptions
@@ -175,15 +174,14 @@ class FleetClient:
         after = from_position - 1
         while True:
             try:
-                mark = await log.wait_for.remote(after, poll_s)
+                mark, table = await log.follow.remote(
+                    after, poll_s, None, None, None if types is None else list(types)
+                )
                 if mark <= after:
                     continue
-                table = await log.read_all.remote(after + 1, mark)
             except ray.exceptions.RayError as exc:
                 raise _translate(exc) from None
             after = mark
-            if types is not None:
-                table = table.filter(pc.is_in(table.column("type"), pa.array(list(types))))
             if stream_prefix is not None:
                 table = table.filter(pc.starts_with(table.column("stream_id"), stream_prefix))
             for event in to_recorded(table):

@@ -876,10 +876,11 @@ class SetpointRelay:
         while not self._stopping.is_set():
             try:
                 position = self.fold.state.position
-                mark = await log.wait_for.remote(position, self._poll_s)
-                if mark <= position:
-                    continue
-                await self._relay_through(log, min(mark, position + self._chunk))
+                upper, table = await log.follow.remote(
+                    position, self._poll_s, self._chunk, _RELAY_COLUMNS, RELAYED_TYPES_SORTED
+                )
+                if upper > position:
+                    await self._relay(table, upper)
             except asyncio.CancelledError:
                 raise
             except Exception:
@@ -893,12 +894,16 @@ class SetpointRelay:
         table = await log.read_all.remote(
             self.fold.state.position + 1,
             upper,
-            ["position", "stream_id", "type", "event_id", "payload", "metadata"],
+            _RELAY_COLUMNS,
             None,
             None,
             None,
             RELAYED_TYPES_SORTED,  # the log filters: telemetry never crosses to the relay
         )
+        await self._relay(table, upper)
+
+    async def _relay(self, table: Any, upper: int) -> None:
+        """Relay `table` (the relayed types up to `upper`, in order), then persist the position."""
         rows = table.to_pylist()  # in position order, as the log returns them
         chargers, inverters = self.fold.apply(rows)
         self.fold.state.position = upper
@@ -993,6 +998,7 @@ def _relayed(call: ChargerCall) -> str:
 
 
 RELAYED_TYPES_SORTED = sorted(RELAYED_TYPES)
+_RELAY_COLUMNS = ["position", "stream_id", "type", "event_id", "payload", "metadata"]
 #: how often an idle relay records the position it has read up to
 _PERSIST_IDLE_S = 5.0
 

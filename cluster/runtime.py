@@ -27,7 +27,7 @@ from actors.host import CommandBatch, EntityHost, Shard
 from cluster.tracing import TelemetrySettings
 from events.base import Command
 from events.log import Appended, BatchOutcome, EventLog
-from events.schema import decode_pending, encode_pending, stream_hash
+from events.schema import RECORD_SCHEMA, decode_pending, encode_pending, stream_hash
 
 NAMESPACE = "v2gfleet"
 
@@ -117,6 +117,30 @@ class LogService:
             return table.filter(pc.greater_equal(table.column("stream_version"), from_version))
 
         return await asyncio.to_thread(read)
+
+    async def follow(
+        self,
+        after_position: int,
+        timeout_s: float,
+        max_events: int | None = None,
+        columns: Sequence[str] | None = None,
+        types: Sequence[str] | None = None,
+    ) -> tuple[int, pa.Table]:
+        """`wait_for`, then `read_all` of what came, in one call: (position read up to, events).
+
+        A follower (the relay, a subscription) calls this once a round instead of
+        twice; at a hundred commits a second the call itself is what the log actor
+        spends most on. The events are those after `after_position`, at most
+        `max_events` positions of them, of `types` if given; the position returned
+        is `after_position` when nothing came within `timeout_s`.
+        """
+        mark = await self.wait_for(after_position, timeout_s)
+        if mark <= after_position:
+            empty = RECORD_SCHEMA.empty_table()
+            return after_position, empty.select(list(columns)) if columns else empty
+        upper = mark if max_events is None else min(mark, after_position + max_events)
+        table = await self.read_all(after_position + 1, upper, columns, None, None, None, types)
+        return upper, table
 
     async def wait_for(self, after_position: int, timeout_s: float) -> int:
         """Until the watermark passes `after_position` (or time is up), without a thread.

@@ -119,3 +119,22 @@ def test_a_subscriber_gets_new_events_in_order_as_they_become_durable(fleet):
     assert [e.command_id for e in events] == ["sub-0", "sub-1", "sub-2"]
     assert [e.event().total for e in events] == [1, 2, 3]
     assert events[0].position < events[1].position < events[2].position
+
+
+def test_a_follower_waits_and_reads_in_one_call_only_what_it_asks_for(fleet):
+    log = fleet.runtime.log
+    after = fleet.watermark()
+
+    # nothing new within the wait: the position stays, no events
+    idle_upper, idle = ray.get(log.follow.remote(after, 0.05, None, ["position"]))
+    assert idle_upper == after and idle.num_rows == 0 and idle.column_names == ["position"]
+
+    fleet.send_many(
+        [OpenCounter(command_id="open-follow", issued_at=T0, counter_id="follow")]
+        + [add(f"follow-{i}", "follow", 1) for i in range(4)]
+    )
+    # at most 3 positions a round, of the one type asked for
+    upper, table = ray.get(log.follow.remote(after, 5.0, 3, ["position", "type"], ["Added"]))
+    assert upper == after + 3
+    assert table.column("type").to_pylist() == ["Added", "Added"]
+    assert table.column("position").to_pylist() == [after + 2, after + 3]
