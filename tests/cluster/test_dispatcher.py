@@ -34,6 +34,33 @@ pytestmark = pytest.mark.ray
 SITES = {"site-a": 4, "site-b": 2}
 
 
+def plugged_in_van(site: str, i: int, now: datetime) -> list:
+    """Register van `<site>-ev<i>`, plug it into `<site>-cp<i>` and report 80 % SoC."""
+    vid = f"{site}-ev{i}"
+    return [
+        RegisterVehicle(
+            command_id=f"reg-{vid}", issued_at=now, vehicle_id=vid, model="Kia Niro", site_id=site
+        ),
+        PlugIn(
+            command_id=f"plug-{vid}",
+            issued_at=now,
+            vehicle_id=vid,
+            charger_id=f"{site}-cp{i}",
+            charger_max_charge_kw=11,
+            charger_max_discharge_kw=11,
+        ),
+        ReportTelemetry(
+            command_id=f"tel-{vid}",
+            issued_at=now,
+            vehicle_id=vid,
+            measured_at=now,
+            soc=0.8,
+            battery_temp_c=25,
+            soh=0.95,
+        ),
+    ]
+
+
 def wait_until(check, timeout_s: float = 20.0, every_s: float = 0.2):
     deadline = time.monotonic() + timeout_s
     while time.monotonic() < deadline:
@@ -67,33 +94,7 @@ def system(ray_session, tmp_path_factory):
     ]
     for site, count in SITES.items():
         for i in range(count):
-            vid = f"{site}-ev{i}"
-            commands += [
-                RegisterVehicle(
-                    command_id=f"reg-{vid}",
-                    issued_at=now,
-                    vehicle_id=vid,
-                    model="Kia Niro",
-                    site_id=site,
-                ),
-                PlugIn(
-                    command_id=f"plug-{vid}",
-                    issued_at=now,
-                    vehicle_id=vid,
-                    charger_id=f"{site}-cp{i}",
-                    charger_max_charge_kw=11,
-                    charger_max_discharge_kw=11,
-                ),
-                ReportTelemetry(
-                    command_id=f"tel-{vid}",
-                    issued_at=now,
-                    vehicle_id=vid,
-                    measured_at=now,
-                    soc=0.8,
-                    battery_temp_c=25,
-                    soh=0.95,
-                ),
-            ]
+            commands += plugged_in_van(site, i, now)
     assert all(r.ok for r in fleet.send_many(commands))
     configs = [
         ConfigureDispatcher(
@@ -258,34 +259,7 @@ def test_a_restarted_dispatcher_records_a_lost_decision_and_does_not_reuse_its_n
     fleet, _, _ = system
     site, vids = "site-c", ("site-c-ev0", "site-c-ev1")
     now = datetime.now(UTC)
-    commands = []
-    for i, vid in enumerate(vids):
-        commands += [
-            RegisterVehicle(
-                command_id=f"reg-{vid}",
-                issued_at=now,
-                vehicle_id=vid,
-                model="Kia Niro",
-                site_id=site,
-            ),
-            PlugIn(
-                command_id=f"plug-{vid}",
-                issued_at=now,
-                vehicle_id=vid,
-                charger_id=f"{site}-cp{i}",
-                charger_max_charge_kw=11,
-                charger_max_discharge_kw=11,
-            ),
-            ReportTelemetry(
-                command_id=f"tel-{vid}",
-                issued_at=now,
-                vehicle_id=vid,
-                measured_at=now,
-                soc=0.8,
-                battery_temp_c=25,
-                soh=0.95,
-            ),
-        ]
+    commands = [c for i in range(len(vids)) for c in plugged_in_van(site, i, now)]
     assert all(r.ok for r in fleet.send_many(commands))
     config = ConfigureDispatcher(
         command_id=f"cfg-{site}",
