@@ -66,7 +66,7 @@ def test_a_host_killed_mid_stream_restarts_and_loses_or_doubles_nothing(fleet):
     fleet.send_many(
         [OpenCounter(command_id=f"open-k{i}", issued_at=T0, counter_id=f"k{i}") for i in range(8)]
     )
-    batches = [[add(f"kill-{b}-{i}", f"k{i % 8}", 1) for i in range(48)] for b in range(40)]
+    batches = [[add(f"kill-{b}-{i}", f"k{i % 8}", 1) for i in range(48)] for b in range(200)]
     victim = fleet.runtime.hosts("counter")[0]
     pid_before = ray.get(victim.pid.remote())
     outcomes: list = []
@@ -77,20 +77,27 @@ def test_a_host_killed_mid_stream_restarts_and_loses_or_doubles_nothing(fleet):
 
     thread = threading.Thread(target=sender)
     thread.start()
-    time.sleep(0.3)
+    deadline = time.monotonic() + 30
+    while len(outcomes) < 3 * 48 and time.monotonic() < deadline:  # the stream is flowing
+        time.sleep(0.005)
     ray.kill(victim, no_restart=False)
+    answered_at_kill = len(outcomes)
     thread.join(timeout=120)
     assert not thread.is_alive()
 
+    assert 0 < answered_at_kill < 9600, "the kill must land mid-stream"
+    deadline = time.monotonic() + 30  # the kill is asynchronous; the restart follows it
+    while ray.get(victim.pid.remote()) == pid_before and time.monotonic() < deadline:
+        time.sleep(0.1)
     assert ray.get(victim.pid.remote()) != pid_before, "the host must have been restarted"
-    assert len(outcomes) == 1920 and all(r.status == "recorded" for r in outcomes)
+    assert len(outcomes) == 9600 and all(r.status == "recorded" for r in outcomes)
     recorded = Counter()
     for i in range(8):
         events = fleet.events(f"counter-k{i}")
         recorded.update(e.command_id for e in events if e.type == "Added")
         assert [e.stream_version for e in events] == list(range(1, len(events) + 1))
-        assert fleet.state("counter", f"k{i}").total == 240
-    assert len(recorded) == 1920 and set(recorded.values()) == {1}
+        assert fleet.state("counter", f"k{i}").total == 1200
+    assert len(recorded) == 9600 and set(recorded.values()) == {1}
 
 
 def test_a_subscriber_gets_new_events_in_order_as_they_become_durable(fleet):
