@@ -234,17 +234,7 @@ def _advance(
             hours = (min(until, now) - max(since, step_start)).total_seconds() / 3600
             if hours > 0:
                 charged, discharged = v.apply(kw, hours)
-        out.append(
-            RecordEnergy(
-                command_id=f"sim:energy:{vid}:{now:%Y%m%dT%H%M}",
-                issued_at=now,
-                vehicle_id=vid,
-                interval_start=step_start,
-                interval_end=now,
-                charged_kwh=round(charged, 9),
-                discharged_kwh=round(discharged, 9),
-            )
-        )
+        out.append(sim_energy(vid, step_start, now, charged, discharged))
         out.append(sim_telemetry(v, now, "tel"))
         if v.plugged.departure <= now:
             out.append(
@@ -284,6 +274,21 @@ def sim_arrival(v: SimVehicle, session: Session, now: datetime) -> list[Command]
             energy_needed_kwh=v.trip_energy_kwh(session),
         ),
     ]
+
+
+def sim_energy(
+    vehicle_id: str, start: datetime, now: datetime, charged_kwh: float, discharged_kwh: float
+) -> RecordEnergy:
+    """The vehicle meter's reading for the step (start, now] (deterministic id per step)."""
+    return RecordEnergy(
+        command_id=f"sim:energy:{vehicle_id}:{now:%Y%m%dT%H%M}",
+        issued_at=now,
+        vehicle_id=vehicle_id,
+        interval_start=start,
+        interval_end=now,
+        charged_kwh=round(charged_kwh, 9),
+        discharged_kwh=round(discharged_kwh, 9),
+    )
 
 
 def sim_telemetry(v: SimVehicle, now: datetime, what: str) -> ReportTelemetry:

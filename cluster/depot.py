@@ -62,8 +62,8 @@ import ray
 from actors.dispatch import ConfigureDispatcher
 from actors.inverter import RequestInverterSetpoint
 from actors.market import RegisterMarket
-from actors.vehicle import RecordEnergy, RegisterVehicle, Unplug
-from cluster.backtest import MARKET_ID, _prices, sim_arrival, sim_telemetry
+from actors.vehicle import RegisterVehicle, Unplug
+from cluster.backtest import MARKET_ID, _prices, sim_arrival, sim_energy, sim_telemetry
 from cluster.client import FleetClient
 from cluster.device_config import (
     BrokerConfig,
@@ -427,17 +427,7 @@ class _Depot:
         if v.plugged is not None:
             step_start = now - STEP
             charged, discharged = _integrate(v, self.segments.pop(vid, []), step_start, now)
-            out.append(
-                RecordEnergy(
-                    command_id=f"sim:energy:{vid}:{now:%Y%m%dT%H%M}",
-                    issued_at=now,
-                    vehicle_id=vid,
-                    interval_start=step_start,
-                    interval_end=now,
-                    charged_kwh=round(charged, 9),
-                    discharged_kwh=round(discharged, 9),
-                )
-            )
+            out.append(sim_energy(vid, step_start, now, charged, discharged))
             if now.minute != 0 or v.plugged.departure <= now:
                 # at full hours the telemetry comes over MQTT, except the departing van's:
                 # its reading must precede the unplug it travels with

@@ -330,12 +330,16 @@ def start_dispatchers(
     configs: Sequence[ConfigureDispatcher],
     watched: Sequence[KeepAliveSource] = ("coordinator",),
     loop_period_s: float | None = 1.0,
+    dispatcher_class: type[SiteDispatcher] = SiteDispatcher,
 ) -> dict[str, Any]:
-    """One named Ray actor per site (`v2g-<name>-dispatch-<site>`); returns site -> handle."""
+    """One named Ray actor per site (`v2g-<name>-dispatch-<site>`); returns site -> handle.
+
+    `dispatcher_class` lets a benchmark host an instrumented subclass the same way.
+    """
     handles = {}
     for config in configs:
         handles[config.site_id] = (
-            ray.remote(SiteDispatcher)
+            ray.remote(dispatcher_class)
             .options(
                 name=f"v2g-{runtime.config.name}-dispatch-{config.site_id}",
                 namespace=NAMESPACE,

@@ -439,29 +439,12 @@ def timed_dispatcher_class() -> type:
 
 
 def start_timed_dispatchers(runtime: Any, configs: list[Any], period_s: float) -> dict[str, Any]:
-    """As `cluster.dispatcher.start_dispatchers` (same actor options), with the timed class."""
-    import ray
+    """`cluster.dispatcher.start_dispatchers` (same actor options), with the timed class."""
+    from cluster.dispatcher import start_dispatchers
 
-    from cluster.runtime import NAMESPACE
-
-    cls = timed_dispatcher_class()
-    handles = {
-        c.site_id: ray.remote(cls)
-        .options(
-            name=f"v2g-{runtime.config.name}-dispatch-{c.site_id}",
-            namespace=NAMESPACE,
-            get_if_exists=True,
-            max_concurrency=8,
-            max_restarts=-1,
-            max_task_retries=-1,
-            num_cpus=0,
-        )
-        .remote(runtime, c.site_id, c, ("coordinator",))
-        for c in configs
-    }
-    ray.get([h.ping.remote() for h in handles.values()])
-    ray.get([h.start.remote(period_s) for h in handles.values()])
-    return handles
+    return start_dispatchers(
+        runtime, configs, loop_period_s=period_s, dispatcher_class=timed_dispatcher_class()
+    )
 
 
 # --- processes: memory and CPU -------------------------------------------------------

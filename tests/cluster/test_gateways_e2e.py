@@ -9,13 +9,10 @@ event loop in a background thread (the test body is the Ray driver).
 
 from __future__ import annotations
 
-import asyncio
 import json
-import threading
 import time
-from collections.abc import Callable, Coroutine, Iterator
+from collections.abc import Callable, Iterator
 from datetime import UTC, datetime, timedelta
-from typing import Any, TypeVar
 
 import aiomqtt
 import pytest
@@ -33,6 +30,7 @@ from actors.vehicle import (
     Unplug,
 )
 from cluster.client import FleetClient
+from cluster.depot import LoopThread
 from cluster.device_config import (
     BrokerConfig,
     DeviceConfig,
@@ -50,27 +48,7 @@ from events.base import RecordedEvent
 
 pytestmark = [pytest.mark.ray, pytest.mark.network]
 
-T = TypeVar("T")
 SITE = "site-a"
-
-
-class LoopThread:
-    """An event loop in a thread: the simulators live here while the test drives Ray."""
-
-    def __init__(self) -> None:
-        self.loop = asyncio.new_event_loop()
-        self.thread = threading.Thread(target=self.loop.run_forever, daemon=True)
-        self.thread.start()
-
-    def run(self, coro: Coroutine[Any, Any, T], timeout_s: float = 20.0) -> T:
-        return asyncio.run_coroutine_threadsafe(coro, self.loop).result(timeout_s)
-
-    def close(self) -> None:
-        self.loop.call_soon_threadsafe(self.loop.stop)
-        self.thread.join(5)
-        self.loop.close()
-
-
 TRACE_ID = "0af7651916cd43dd8448eb211c80319c"
 
 
