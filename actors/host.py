@@ -21,7 +21,7 @@ import threading
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Any, Protocol
+from typing import Any, ClassVar, Protocol
 
 import pyarrow as pa
 import pyarrow.compute as pc
@@ -61,9 +61,21 @@ class LogPort(Protocol):
 
 
 class CommandBatch(Protocol):
-    """Many commands carried as columns (e.g. `RequestSetpoints`): the host expands them."""
+    """Many commands of one type carried as columns (e.g. `RequestSetpoints`).
+
+    The host expands them (`commands`); a router splits them between shards by
+    stream without expanding them (`stream_ids`, `take`).
+    """
+
+    command_type: ClassVar[type[Command]]
+
+    def __len__(self) -> int: ...
 
     def commands(self) -> Sequence[Command]: ...
+
+    def stream_ids(self) -> list[str]: ...
+
+    def take(self, indices: Sequence[int]) -> CommandBatch: ...
 
 
 @dataclass(frozen=True, slots=True)

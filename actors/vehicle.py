@@ -29,7 +29,7 @@ from collections.abc import Sequence
 from datetime import UTC, datetime, timedelta
 from functools import cache
 from operator import itemgetter
-from typing import Annotated, Any, TypeVar
+from typing import Annotated, Any, ClassVar, TypeVar
 
 from pydantic import AwareDatetime, BaseModel, ConfigDict, Field, model_validator
 
@@ -276,8 +276,24 @@ class RequestSetpoints(BaseModel):
             )
         return self
 
+    command_type: ClassVar[type[Command]] = RequestSetpoint
+
     def __len__(self) -> int:
         return len(self.vehicle_ids)
+
+    def stream_ids(self) -> list[str]:
+        """The stream of each command, in order (for routing to shards without expanding)."""
+        return [f"vehicle-{vehicle_id}" for vehicle_id in self.vehicle_ids]
+
+    def take(self, indices: Sequence[int]) -> RequestSetpoints:
+        """The batch of the commands at `indices`, in that order (a shard's share)."""
+        vehicle_ids, power_kw = self.vehicle_ids, self.power_kw
+        return self.model_copy(
+            update={
+                "vehicle_ids": tuple(vehicle_ids[i] for i in indices),
+                "power_kw": tuple(power_kw[i] for i in indices),
+            }
+        )
 
     def commands(self) -> list[RequestSetpoint]:
         """The vehicles' commands, in order; equal to validating each one on its own."""

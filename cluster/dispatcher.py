@@ -144,7 +144,9 @@ class SiteDispatcher:
         if not commands:
             return []
         refs, order = self.runtime.route(commands, pack=True)
-        results = gather(refs, order, len(commands))
+        return self._answered(gather(refs, order, len(commands)))
+
+    def _answered(self, results: list[CommandResult]) -> list[CommandResult]:
         self.results.extend(r for r in results if not r.ok)
         del self.results[:-100]
         return results
@@ -165,12 +167,23 @@ class SiteDispatcher:
         # of the lost decision that reach a host only after the restart has folded the
         # log (in flight during the crash) can collide with that seq's reuse.
         commands: list[Command] = [*decision.dispatch, *decision.vehicle]
-        if self._cause and commands:  # the decision continues the trace of what caused it
+        batches = decision.setpoints
+        if self._cause and (commands or batches):  # it continues the trace of what caused it
             cause, self._cause = self._cause, ""
             with continued(cause, "dispatcher.decision", {"site_id": self.policy.site_id}) as span:
                 traceparent = handed_on(span, cause)
             commands = [c.model_copy(update={"traceparent": traceparent}) for c in commands]
-        return self.send(commands)
+            batches = [b.model_copy(update={"traceparent": traceparent}) for b in batches]
+        if not batches:
+            return self.send(commands)
+        refs, order = self.runtime.route(commands, pack=True) if commands else ([], [])
+        n = len(commands)
+        for batch in batches:
+            batch_refs, batch_order = self.runtime.route_batch(batch)
+            refs += batch_refs
+            order += [[n + i for i in indices] for indices in batch_order]
+            n += len(batch)
+        return self._answered(gather(refs, order, n))
 
     # ------------------------------------------------------------------ inputs
 

@@ -379,6 +379,28 @@ class Runtime:
             order.append(indices)
         return refs, order
 
+    def route_batch(self, batch: CommandBatch) -> tuple[list[Any], list[list[int]]]:
+        """Like `route(pack=True)` for a columnar batch: split between shards as columns.
+
+        A frequency response's setpoints go out this way: expanding a thousand
+        commands only to pack them again per shard was a third of the dispatcher's
+        time on that path.
+        """
+        kind = self._kind_of.get(batch.command_type)
+        if kind is None:
+            raise TypeError(f"no entity kind handles {batch.command_type.__name__}")
+        hosts = self._hosts[kind]
+        groups: dict[int, list[int]] = defaultdict(list)
+        for i, stream_id in enumerate(batch.stream_ids()):
+            groups[stream_hash(stream_id) % len(hosts)].append(i)
+        refs = []
+        order = []
+        for shard, indices in sorted(groups.items(), key=lambda g: -len(g[1])):
+            part = batch if len(indices) == len(batch) else batch.take(indices)
+            refs.append(hosts[shard].handle.remote(part))
+            order.append(indices)
+        return refs, order
+
     def host_for(self, kind: str, entity_id: str) -> Any:
         hosts = self._hosts[kind]
         return hosts[stream_hash(self.deciders[kind].stream_id(entity_id)) % len(hosts)]

@@ -453,7 +453,7 @@ class Site:
         self.policy.apply_rows(table.to_pylist())
 
     def act(self, decision):
-        results = self.send(decision.dispatch) + self.send(decision.vehicle)
+        results = self.send(decision.dispatch) + self.send(decision.vehicle_commands())
         self.sync()
         return results
 
@@ -548,7 +548,7 @@ def test_a_frequency_dip_exports_more_by_droop_through_the_vehicles(site):
     # built from columns without validation: each one what validating it gives, named
     # by the decision
     seq = issued[0].decision_seq
-    for command in decision.vehicle:
+    for command in decision.vehicle_commands():
         assert type(command).model_validate(command.model_dump()) == command
         assert command.command_id == f"{site.policy.controller_id}:{seq}:{command.vehicle_id}"
 

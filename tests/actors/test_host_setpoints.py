@@ -109,6 +109,16 @@ def test_a_batch_expands_into_the_validated_commands():
     assert validated == batch and validated.commands() == commands
 
 
+def test_a_shards_share_of_a_batch_is_the_batch_of_those_commands():
+    commands = setpoints(2, [-11.0, 3.5, -2.0])
+    batch = RequestSetpoints.of(commands)
+    assert batch is not None and batch.command_type is RequestSetpoint
+    assert batch.stream_ids() == [c.stream_id for c in commands]
+    share = batch.take([2, 0])
+    assert share.commands() == [commands[2], commands[0]]
+    assert len(share) == 2 and len(batch) == 3  # the batch itself is unchanged
+
+
 def test_the_vehicles_judge_a_batch_exactly_as_single_commands(hosts):
     by_one, by_batch = hosts
     commands = setpoints(1, [-11.0, -11.0, -11.0])
