@@ -142,6 +142,10 @@ OfflineHook = Callable[[str], Awaitable[None] | None]
 Clock = Callable[[], datetime]
 
 
+class MalformedAnswer(Exception):
+    """A station answered a call with a payload its OCPP schema refuses."""
+
+
 class _Refused(Exception):
     def __init__(self, status: HTTPStatus, reason: str) -> None:
         super().__init__(reason)
@@ -515,6 +519,35 @@ class _CsmsChargePoint:
             outcome = after_action(**payload, call_unique_id=msg.unique_id)
             if inspect.iscoroutine(outcome):
                 self._gateway._spawn(outcome)
+
+    async def call_checked(self, payload: Any, unique_id: str) -> Any:
+        """`call` (CallErrors raised), the request and the answer checked by the compiled
+        schemas instead of the library's validator.
+
+        The library validates a SetChargingProfile and its answer in ~0.45 ms against
+        ~0.01 compiled; a fleet-wide setpoint change sends one to every station at once,
+        in front of their MeterValues on the gateway's event loop.
+
+        Raises:
+            OCPPError: the station answered with a CallError.
+            MalformedAnswer: the station's answer is not what its schema allows.
+        """
+        action = type(payload).__name__
+        request = remove_nones(snake_to_camel_case(serialize_as_dict(payload)))
+        await validate_payload(Call(unique_id, action, request), self._ocpp_version)
+        try:
+            answer = await self.call(
+                payload, unique_id=unique_id, suppress=False, skip_schema_validation=True
+            )
+        except TypeError as error:  # fields the answer's dataclass does not have
+            raise MalformedAnswer(f"{action} answer: {error}") from None
+        result = remove_nones(snake_to_camel_case(serialize_as_dict(answer)))
+        try:
+            await validate_payload(CallResult(unique_id, result, action), self._ocpp_version)
+        except OCPPError as error:
+            cause = (error.details or {}).get("cause") or error.description
+            raise MalformedAnswer(f"{action} answer {json.dumps(result)}: {cause}") from None
+        return answer
 
     async def _refuse(self, unique_id: str, action: str, error: OCPPError) -> None:
         cause = (error.details or {}).get("cause") or error.description
@@ -998,10 +1031,8 @@ class OcppCsmsGateway:
             )
         profile = self._profile(station, cp._ocpp_version, evse_id, power_kw, valid_until)
         try:
-            answer = await cp.call(
-                cp._call.SetChargingProfile(evse_id=evse_id, charging_profile=profile),
-                unique_id=unique_id,
-                suppress=False,
+            answer = await cp.call_checked(
+                cp._call.SetChargingProfile(evse_id=evse_id, charging_profile=profile), unique_id
             )
         except TimeoutError:
             detail = f"no answer within {self._setpoint_timeout_s} s"
@@ -1010,6 +1041,11 @@ class OcppCsmsGateway:
             )
         except OCPPError as error:
             detail = _clean(f"CallError {error.code}: {error.description}", 500)
+            return await self._setpoint_rejected(
+                station, command_id, evse_id, power_kw, "station refused", detail
+            )
+        except MalformedAnswer as error:
+            detail = _clean(f"malformed answer: {error}", 500)
             return await self._setpoint_rejected(
                 station, command_id, evse_id, power_kw, "station refused", detail
             )

@@ -4,7 +4,8 @@ Built on the ocpp library's own charge-point side. It connects with HTTP Basic
 auth (and TLS when given an `ssl.SSLContext`), boots, heartbeats at the interval
 the CSMS told it, plugs a vehicle in (StatusNotification Occupied + TransactionEvent
 Started), streams MeterValues that follow the power it was last told, and answers
-SetChargingProfile as configured: `obey`, `reject` or `ignore` (never answer).
+SetChargingProfile as configured: `obey`, `reject`, `ignore` (never answer) or
+`malformed` (an answer its schema refuses, as a faulty firmware might send).
 It can go silent, drop and re-open its connection, and replay its last message
 with the same unique id (as a real station retries after a dropped connection).
 
@@ -21,6 +22,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import json
 import ssl
 from dataclasses import dataclass
 from datetime import UTC, datetime
@@ -34,7 +36,7 @@ from websockets.asyncio.client import ClientConnection, connect
 from websockets.exceptions import ConnectionClosed
 from websockets.headers import build_authorization_basic
 
-ProfileMode = Literal["obey", "reject", "ignore"]
+ProfileMode = Literal["obey", "reject", "ignore", "malformed"]
 
 
 def _now_iso() -> str:
@@ -55,12 +57,14 @@ class _StationSide:
     station: SimulatedStation
 
     async def route_message(self, raw_msg: str | bytes) -> None:
-        if self.station.profile_mode == "ignore":
+        if self.station.profile_mode in ("ignore", "malformed"):
             with contextlib.suppress(Exception):
                 msg = unpack(raw_msg)
                 if msg.message_type_id == MessageType.Call and msg.action == "SetChargingProfile":
                     self.station.profiles_ignored += 1
-                    return  # never answer
+                    if self.station.profile_mode == "malformed":  # a status no schema allows
+                        await self._send(json.dumps([3, msg.unique_id, {"status": "Maybe"}]))  # type: ignore[attr-defined]
+                    return
         await super().route_message(raw_msg)  # type: ignore[misc]
 
     async def call(
@@ -114,7 +118,7 @@ class SimulatedStation:
         url: the CSMS endpoint without the station id, e.g. `ws://127.0.0.1:8080/ocpp`.
         version: "2.0.1" or "2.1".
         ssl_context: client TLS context for `wss://` endpoints.
-        profile_mode: how SetChargingProfile is answered: obey, reject or ignore.
+        profile_mode: how SetChargingProfile is answered: obey, reject, ignore or malformed.
         power_follow_ratio: metered power = ratio x told power (1.0 follows exactly).
         response_timeout_s: how long the station waits for the CSMS's answers.
     """

@@ -254,7 +254,10 @@ def test_a_negative_setpoint_reaches_a_21_station_as_a_central_setpoint() -> Non
     run(scenario())
 
 
-@pytest.mark.parametrize(("mode", "reason"), [("reject", "station refused"), ("ignore", "timeout")])
+@pytest.mark.parametrize(
+    ("mode", "reason"),
+    [("reject", "station refused"), ("ignore", "timeout"), ("malformed", "station refused")],
+)
 def test_a_refused_or_unanswered_profile_is_recorded_as_rejected(mode: str, reason: str) -> None:
     async def scenario() -> None:
         sink = RecordingSink()
@@ -273,6 +276,8 @@ def test_a_refused_or_unanswered_profile_is_recorded_as_rejected(mode: str, reas
         (rejected,) = of_type(sink, RecordSetpointRejected)
         assert rejected.reason == reason and rejected.power_kw == 5.0
         assert not of_type(sink, RecordSetpointSent)
+        if mode == "malformed":  # the schema's verdict names what is wrong
+            assert "status" in rejected.detail and "Maybe" in rejected.detail
 
     run(scenario())
 
