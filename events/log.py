@@ -884,6 +884,15 @@ class EventLog:
             table = table.take(pa.array(np.argsort(pos, kind="stable")))
         return table.select(list(columns)) if columns else table
 
+    def in_memory(self, from_position: int) -> bool:
+        """Whether every event from `from_position` on is in the write-ahead tail, so that
+        reading them touches no sealed segment (a follower's read, ~0.1 ms)."""
+        with self._state:
+            return all(
+                not part.segments or part.segments[-1].last_position < from_position
+                for part in self._parts
+            )
+
     def read_stream(self, stream_id: str, from_version: int = 1) -> list[RecordedEvent]:
         table = self.read_all(stream_id=stream_id)
         return to_recorded(

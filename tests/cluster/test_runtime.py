@@ -145,3 +145,13 @@ def test_a_follower_waits_and_reads_in_one_call_only_what_it_asks_for(fleet):
     assert upper == after + 3
     assert table.column("type").to_pylist() == ["Added", "Added"]
     assert table.column("position").to_pylist() == [after + 2, after + 3]
+
+    # events of other types do not end a wait for "Added": it goes on until one comes
+    mark = fleet.watermark()
+    waiting = log.follow.remote(mark, 30.0, None, ["position", "type"], ["Added"])
+    fleet.send_many([OpenCounter(command_id="open-other", issued_at=T0, counter_id="other")])
+    ready, _ = ray.wait([waiting], timeout=0.5)
+    assert not ready
+    fleet.send_many([add("other-1", "other", 1)])
+    upper, table = ray.get(waiting, timeout=30)
+    assert upper == mark + 2 and table.column("position").to_pylist() == [mark + 2]

@@ -270,6 +270,18 @@ def test_small_rounds_build_the_same_bodies_and_a_chain_the_verifier_accepts(tmp
     assert report.ok and report.events_checked == total == 24, report
 
 
+def test_the_log_tells_which_reads_stay_in_the_write_ahead_tail(tmp_path):
+    with EventLog(str(tmp_path / "log"), partitions=1, seal_events=10) as log:
+        for i in range(1, 16):
+            b = PendingBatchBuilder()
+            b.add(f"vehicle-{i}", 1, f"c-{i}/0", "Pinged", 1, T0, f"c-{i}", "", "{}")
+            log.append_batch(b.build())
+        log.flush_seals()  # positions 1-10 are a sealed segment now
+        assert not log.in_memory(1) and not log.in_memory(10)
+        assert log.in_memory(11) and log.in_memory(16)
+        assert log.read_all(11).column("position").to_pylist() == list(range(11, 16))
+
+
 def test_a_pending_batch_crosses_to_the_log_compressed_and_unchanged(log):
     from events.schema import decode_pending, encode_pending
 
