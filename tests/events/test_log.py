@@ -295,3 +295,21 @@ def test_a_pending_batch_crosses_to_the_log_compressed_and_unchanged(log):
     arrived = decode_pending(encoded)
     assert arrived.equals(batch) and arrived.schema == batch.schema
     assert [o.positions for o in log.append_batch(arrived)][:2] == [(1,), (2,)]
+
+
+def test_segments_are_sealed_at_a_lower_cpu_priority_than_appends(tmp_path):
+    import os
+    import sys
+
+    from events.threads import BACKGROUND_NICE
+
+    if not sys.platform.startswith("linux"):
+        pytest.skip("per-thread nice values are a Linux feature")
+    with EventLog(str(tmp_path / "log")) as log:
+
+        def nice_of_this_thread() -> int:
+            return os.getpriority(os.PRIO_PROCESS, threading.get_native_id())
+
+        appender = nice_of_this_thread()
+        sealer = log._sealer.submit(nice_of_this_thread).result()
+    assert sealer == max(appender, BACKGROUND_NICE)
