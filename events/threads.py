@@ -6,9 +6,11 @@ import contextlib
 import os
 import threading
 
-# Nice value for background work (sealing segments, writing snapshots): above the
-# request threads' 0, so on a busy machine the scheduler runs appends and commands
-# first and the background job in what is left.
+# Nice value for background work that runs mostly outside the GIL (sealing segments:
+# Parquet and DuckDB release it): above the request threads' 0, so on a busy machine
+# the scheduler runs appends and commands first and the background job in what is
+# left. Not for Python-heavy threads: one holding the GIL while descheduled would
+# stall its process's request threads.
 BACKGROUND_NICE = 10
 
 
