@@ -1123,7 +1123,9 @@ class SitePolicy:
     state advances as it decides (it runs the `DISPATCH` decider on what it sends),
     so consecutive decisions are numbered without waiting for the log. A number the
     log shows in its own vehicle commands but not in its stream (a record lost in a
-    crash) is recorded as orphaned before the next decision, never used again.
+    crash) is recorded as orphaned before the next decision, never used again; so are
+    the numbers a restart reserves (`reserve_in_flight`) because a previous incarnation
+    may still have had them in flight.
 
     Args:
         site_id: the site this dispatcher controls.
@@ -1175,6 +1177,8 @@ class SitePolicy:
         # decision seq -> vehicles: our vehicle commands numbered above our own stream's
         # decision_seq when folded (a restart after a record was lost)
         self.orphans: dict[int, set[str]] = {}
+        # numbers a previous incarnation may have had in flight (`reserve_in_flight`)
+        self._maybe_in_flight: set[int] = set()
         self.position = 0
 
     # ------------------------------------------------------------------ input
@@ -1296,6 +1300,21 @@ class SitePolicy:
             raise RuntimeError(f"dispatcher {self.site_id!r} is not configured")
         return self.state.config
 
+    def reserve_in_flight(self, count: int) -> None:
+        """Never reuse the next `count` decision numbers: a restart's call, after folding.
+
+        A previous incarnation sends a decision's vehicle commands and its record at
+        once; commands still in flight when it stopped reach the hosts only later, so
+        folding the log cannot see them. Had this policy reused their number, the hosts
+        would answer its new commands as repeats of the old ones and apply nothing.
+        `count` is how many decisions one incarnation can have in flight (its
+        concurrent calls); the next decision records them as orphaned first.
+        """
+        first = self.state.decision_seq + 1
+        self._maybe_in_flight = set(range(first, first + count))
+        for seq in self._maybe_in_flight:
+            self.orphans.setdefault(seq, set())
+
     def _next_decision_seq(self, decision: Decision, at: datetime) -> int:
         """The seq of a new decision, after recording every orphaned one below it.
 
@@ -1319,6 +1338,11 @@ class SitePolicy:
                     f"decision {seq} reached {len(ids)} vehicle(s) but its own record is not "
                     "in the log (lost between the appends); its number is not reused"
                 )
+            elif seq in self._maybe_in_flight:
+                reason = (
+                    f"decision {seq} may have been in flight when the previous dispatcher "
+                    "stopped (nothing of it in the log yet); its number is not reused"
+                )
             else:
                 reason = f"decision {seq} left no record and no vehicle command in the log"
             self._record(
@@ -1332,6 +1356,7 @@ class SitePolicy:
                     reason=reason,
                 ),
             )
+        self._maybe_in_flight.clear()
         decision.reasons.append(f"orphaned decisions recorded: {first}..{max(found)}")
 
     def _record(self, decision: Decision, command: Command) -> None:

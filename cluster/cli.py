@@ -297,7 +297,9 @@ ALARM_TYPES = (
     "VehicleSafeStateEntered",
     "OcppConnectionRejected",
     "TelemetryMessageRejected",
-    "OrphanedDecisionRecorded",  # a dispatcher restarted after losing a decision record
+    # a dispatcher restarted after losing the record of a decision that reached
+    # vehicles (those with no vehicle are numbers a restart merely does not reuse)
+    "OrphanedDecisionRecorded",
 )
 
 
@@ -353,12 +355,14 @@ def fleet_status(data_dir: str) -> dict[str, Any]:
     )
     day_start = as_of.replace(hour=0, minute=0, second=0, microsecond=0)
     con = duckdb.connect()
-    con.register("log_events", table.select(["type", "occurred_at"]))
+    con.register("log_events", table.select(["type", "occurred_at", "payload"]))
     alarms = dict(
         con.execute(
             "SELECT type, count(*) FROM log_events WHERE type IN ("
             + ", ".join("?" * len(ALARM_TYPES))
-            + ") AND occurred_at >= ? GROUP BY type ORDER BY type",
+            + ") AND occurred_at >= ? AND NOT (type = 'OrphanedDecisionRecorded' AND "
+            "json_array_length(payload::JSON -> 'vehicle_ids') = 0) "
+            "GROUP BY type ORDER BY type",
             [*ALARM_TYPES, day_start],
         ).fetchall()
     )

@@ -57,6 +57,10 @@ _ROWS = [
 ]
 
 
+# Calls a site dispatcher actor runs at once, so decisions it can have in flight.
+DISPATCHER_CONCURRENCY = 8
+
+
 def dispatch_deciders() -> list[Decider[Any]]:
     """The entity kinds a dispatching fleet runs: vehicles, price feeds, dispatchers."""
     return [VEHICLE, MARKET, DISPATCH]
@@ -101,9 +105,15 @@ class SiteDispatcher:
         self._loop: threading.Thread | None = None
         self.results: list[CommandResult] = []  # rejected ones, for operators and tests
         self._cause = ""  # traceparent of the newest traced event read
+        self.sync()
+        # A stream already there means a previous incarnation ran: decisions it had in
+        # flight must not have their numbers reused (`SitePolicy.reserve_in_flight`).
+        restarted = self.policy.stream_version > 0
         if configure is not None:
             self.send([configure])
-        self.sync()
+            self.sync()
+        if restarted:
+            self.policy.reserve_in_flight(DISPATCHER_CONCURRENCY)
         if ray.is_initialized() and ray.get_runtime_context().get_actor_id() is not None:
             # A long-lived actor that allocates ~1,000 commands per frequency event:
             # with CPython's default thresholds, 100 events at 1,000 vehicles cost 791
@@ -163,9 +173,10 @@ class SiteDispatcher:
         # decision record is lost: the restarted policy finds them as it folds the log
         # (seq above its stream's decision_seq) and records `OrphanedDecisionRecorded`
         # for that seq before its next decision, which takes seq + 1, so its new
-        # commands are never answered as repeats of the old ones. Still open: commands
-        # of the lost decision that reach a host only after the restart has folded the
-        # log (in flight during the crash) can collide with that seq's reuse.
+        # commands are never answered as repeats of the old ones. Commands of a lost
+        # decision that reach a host only after the restart has folded the log (in
+        # flight during the crash) cannot be seen; a restart therefore never reuses
+        # the next `DISPATCHER_CONCURRENCY` numbers either (`reserve_in_flight`).
         commands: list[Command] = [*decision.dispatch, *decision.vehicle]
         batches = decision.setpoints
         if self._cause and (commands or batches):  # it continues the trace of what caused it
@@ -357,7 +368,7 @@ def start_dispatchers(
                 name=f"v2g-{runtime.config.name}-dispatch-{config.site_id}",
                 namespace=NAMESPACE,
                 get_if_exists=True,
-                max_concurrency=8,
+                max_concurrency=DISPATCHER_CONCURRENCY,
                 max_restarts=-1,
                 max_task_retries=-1,
                 num_cpus=0,

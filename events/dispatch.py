@@ -128,7 +128,9 @@ class OrphanedDecisionRecorded(Event):
     next decision (which is `decision_seq + 1`): reusing the number would make the
     vehicles answer the new commands as repeats of the old ones. `vehicle_ids` are the
     vehicles whose commands it found (empty: a number below such a decision, with no
-    command found). The vehicles' own streams hold what they were asked and did.
+    command found, or one of the numbers a restarted dispatcher does not reuse because
+    the previous one may still have had them in flight; `reason` says which). The
+    vehicles' own streams hold what they were asked and did.
     """
 
     site_id: str

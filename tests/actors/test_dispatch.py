@@ -835,6 +835,30 @@ def test_numbers_lost_without_a_trace_below_an_orphan_are_recorded_too(site):
     assert all(r.ok and not r.duplicate for r in site.act(decision))
 
 
+def test_a_restart_never_reuses_the_numbers_of_decisions_still_in_flight(site):
+    site.prices([400.0 - 10 * k for k in range(24)])
+    site.act(site.policy.tick(t(1)))  # decision 1, recorded whole
+    site.policy.set_target(-6.0)
+    in_flight = site.policy.tick(t(1.2))  # decision 2: sent, nothing of it in the log yet
+    site.restart()
+    site.policy.reserve_in_flight(3)  # the dispatcher had three calls at a time
+    # decision 2's commands reach the hosts only now, after the restart folded the log
+    late = site.send(in_flight.vehicle_commands())
+    assert all(r.status == "recorded" for r in late)
+    site.policy.set_target(-20.0)
+    decision = site.policy.tick(t(1.4))
+    orphans = only(RecordOrphanedDecision, decision.dispatch)
+    assert [o.decision_seq for o in orphans] == [2, 3, 4]
+    assert all("in flight" in o.reason and not o.vehicle_ids for o in orphans)
+    [issued] = only(IssueSetpoints, decision.dispatch)
+    assert issued.decision_seq == 5
+    # the new decision is applied, not answered as a repeat of the late one
+    results = site.act(decision)
+    assert all(r.status == "recorded" and not r.duplicate for r in results)
+    for s in issued.setpoints:
+        assert site.vehicle(s.vehicle_id).setpoint.power_kw == pytest.approx(s.power_kw)
+
+
 def test_a_restart_after_nothing_was_lost_records_no_orphan(site):
     site.prices([400.0 - 10 * k for k in range(24)])
     decision = site.policy.tick(t(1))

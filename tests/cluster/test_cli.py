@@ -129,3 +129,36 @@ def test_replay_and_export_show_progress_and_keep_json_output_clean(tmp_path, ca
         for name in ("telemetry", "energy", "revenue", "degradation")
     }
     assert "tables exported (parquet)" in captured.err
+
+
+def test_status_alarms_on_a_lost_decision_not_on_numbers_a_restart_skips(tmp_path):
+    from cluster.cli import fleet_status
+    from events.dispatch import OrphanedDecisionRecorded
+    from events.schema import PendingBatchBuilder
+
+    def orphan(seq: int, vehicles: tuple[str, ...], reason: str) -> str:
+        event = OrphanedDecisionRecorded(
+            site_id="a", at=NOW, decision_seq=seq, vehicle_ids=vehicles, reason=reason
+        )
+        return event.model_dump_json()
+
+    builder = PendingBatchBuilder()
+    for seq, vehicles, reason in [
+        (2, ("ev1",), "decision 2 reached 1 vehicle(s) but its own record is not in the log"),
+        (3, (), "decision 3 may have been in flight when the previous dispatcher stopped"),
+    ]:
+        cmd = f"dispatch-a:orphan:{seq}"
+        builder.add(
+            "dispatch-a",
+            seq - 1,  # the stream's versions 1 and 2
+            f"{cmd}/0",
+            "OrphanedDecisionRecorded",
+            1,
+            NOW,
+            cmd,
+            "",
+            orphan(seq, vehicles, reason),
+        )
+    with EventLog(str(tmp_path / "log")) as log:
+        log.append_batch(builder.build())
+    assert fleet_status(str(tmp_path))["alarms_today"] == {"OrphanedDecisionRecorded": 1}
