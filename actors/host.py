@@ -90,6 +90,9 @@ class Shard:
 # States serialized per slice of a background snapshot (~0.4 ms each).
 _SNAPSHOT_SLICE = 50
 
+# What folding a stream needs of each log row.
+_FOLD_COLUMNS = ["position", "stream_id", "stream_version", "type", "schema_version", "payload"]
+
 # A command whose events are in the pending batch: (index in the batch, the
 # command, its stream id, its event types).
 _Appending = tuple[int, Command, str, tuple[str, ...]]
@@ -396,14 +399,7 @@ class EntityHost:
         start = self._load_snapshot()
         table = self.log.read_all(
             from_position=start + 1,
-            columns=[
-                "position",
-                "stream_id",
-                "stream_version",
-                "type",
-                "schema_version",
-                "payload",
-            ],
+            columns=_FOLD_COLUMNS,
             shard=(self.shard.index, self.shard.count),
         )
         self._fold(table)
@@ -435,14 +431,7 @@ class EntityHost:
         self._states.pop(stream_id, None)
         self._versions.pop(stream_id, None)
         table = self.log.read_all(
-            columns=[
-                "position",
-                "stream_id",
-                "stream_version",
-                "type",
-                "schema_version",
-                "payload",
-            ],
+            columns=_FOLD_COLUMNS,
             partition=None,
             shard=(self.shard.index, self.shard.count),
         )

@@ -109,7 +109,8 @@ def chained_hash(prev_hash: bytes, position: int, body: bytes) -> bytes:
 
 
 # Up to this many rows, `canonical_body` per row costs less than the kernels' fixed
-# cost (~0.13 ms a round, most of a one-event commit).
+# cost (measured: kernels ~65 µs at 1-16 rows; Python ~26 µs for one row, ~33 for 8,
+# ~55 for 32). Kept low: most rounds of a busy log are far larger.
 _FEW_ROWS = 8
 
 
