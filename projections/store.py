@@ -269,8 +269,7 @@ class ProjectionStore:
     """The projection database and the positions its projections have reached.
 
     Args:
-        db_path: the DuckDB file (created if missing), or ``":memory:"`` for a build
-            that :meth:`save` writes to a file once at the end (the audit replay).
+        db_path: the DuckDB file (created if missing), or ``":memory:"``.
         projections: defaults to energy, revenue and degradation, in dependency order.
         gap_grace_s: how long a hole in the log's positions may stay before it is
             taken as permanent and skipped.
@@ -542,17 +541,6 @@ class ProjectionStore:
             [low, low],
         ).fetchall()
         return int(rows[0][0]) if rows and rows[0][0] is not None else low + 1
-
-    def save(self, path: str) -> None:
-        """Write every table and view of this database to a new file ``path`` in one go."""
-        with self._lock:
-            [(name,)] = self.con.execute("SELECT current_database()").fetchall()
-            quoted = path.replace("'", "''")
-            self.con.execute(f"ATTACH '{quoted}' AS _save_target")
-            try:
-                self.con.execute(f'COPY FROM DATABASE "{name}" TO _save_target')
-            finally:
-                self.con.execute("DETACH _save_target")
 
     # ------------------------------------------------------------------ live
 
