@@ -270,3 +270,35 @@ def test_a_database_from_before_the_history_gets_the_columns_and_goes_on(tmp_pat
     cal_new, _ = _published_fade(7.0, 0.0)
     assert rows["van-old"] == (0.0, pytest.approx(PACK_EUR / 0.2 * cal_new))
     assert rows["van-new"] == (HISTORY_DAYS, pytest.approx(PACK_EUR / 0.2 * (cal_now - cal_then)))
+
+
+def test_after_an_upgrade_a_vehicle_without_new_events_is_assessed_again(tmp_path) -> None:
+    """A live round re-assesses only the vehicles it has events of, except after the
+    assessment's table gained columns: then every vehicle is, or the quiet ones would
+    keep the new columns' defaults."""
+    from projections.store import ProjectionStore
+
+    root = os.path.join(str(tmp_path), "log")
+    db = os.path.join(str(tmp_path), "p.duckdb")
+    log = _Log(root)
+    try:
+        log.add("vehicle-van-quiet", _registered("van-quiet"))
+        log.add_week("van-quiet")
+        log.add("vehicle-van-busy", _registered("van-busy"))
+        with ProjectionStore(db) as store:
+            store.apply(root)
+        with duckdb.connect(db) as con:  # back to the assessment as it was
+            for column in ("calendar_cost_eur", "cycle_cost_eur"):
+                con.execute(f"ALTER TABLE degradation DROP COLUMN {column}")
+        log.add_week("van-busy")
+        with ProjectionStore(db) as store:
+            store.apply(root)
+    finally:
+        log.log.close()
+    with duckdb.connect(db, read_only=True) as con:
+        rows = dict(con.execute("SELECT vehicle_id, calendar_cost_eur FROM degradation").fetchall())
+    cal_week, _ = _published_fade(7.0, 0.0)
+    assert rows == {
+        "van-quiet": pytest.approx(PACK_EUR / 0.2 * cal_week),
+        "van-busy": pytest.approx(PACK_EUR / 0.2 * cal_week),
+    }
