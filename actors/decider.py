@@ -11,8 +11,8 @@ refusal *event*, because an operator must see it.
 
 from __future__ import annotations
 
-from collections.abc import Callable, Sequence
-from dataclasses import dataclass
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass, field
 from typing import Any, Generic, Literal, TypeVar
 
 from pydantic import BaseModel
@@ -34,9 +34,32 @@ class UnknownEntity(CommandRejected):
     """The command names an entity that was never registered."""
 
 
+@dataclass(frozen=True, slots=True)
+class ColumnDecision(Generic[S]):
+    """What a decider's columnar twin made of a batch of commands, one entry per row.
+
+    `payloads[i]` is the JSON of the one event (of `event_type`) that `decide` gives
+    for row i, and `states[i]` the state `evolve` makes of it; a `None` payload means
+    the row changes nothing ("unchanged"). Rows listed in `scalar` are not judged
+    here: the host runs them through `decide` as commands.
+    """
+
+    event_type: type[Event]
+    payloads: list[str | None]
+    states: list[S | None]
+    scalar: list[int]
+
+
 @dataclass(frozen=True)
 class Decider(Generic[S]):
-    """One entity kind: its stream prefix, its commands and its three pure functions."""
+    """One entity kind: its stream prefix, its commands and its three pure functions.
+
+    `columnar` maps a columnar batch type (a `CommandBatch`) to a twin of `decide`
+    and `evolve` for its common case: `twin(batch, states) -> ColumnDecision`, with
+    the current state of each row's entity (`None` if the host has none). It must
+    give exactly what deciding the batch's commands one by one gives; tests compare
+    the two.
+    """
 
     kind: str
     command_types: tuple[type[Command], ...]
@@ -44,6 +67,9 @@ class Decider(Generic[S]):
     initial_state: Callable[[str], S]
     evolve: Callable[[S, Event], S]
     decide: Callable[[Any, S], list[Event]]
+    columnar: Mapping[type, Callable[[Any, Sequence[Any]], ColumnDecision[S]]] = field(
+        default_factory=dict
+    )
 
     def stream_id(self, entity_id: str) -> str:
         return f"{self.kind}-{entity_id}"

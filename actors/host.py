@@ -19,7 +19,7 @@ import json
 import os
 import threading
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any, ClassVar, Protocol
 
@@ -28,7 +28,7 @@ import pyarrow.compute as pc
 from opentelemetry import trace
 from pydantic import ValidationError
 
-from actors.decider import CommandRejected, CommandResult, Decider
+from actors.decider import ColumnDecision, CommandRejected, CommandResult, Decider
 from actors.tracing import (
     command_latency_ms,
     commands_handled,
@@ -58,6 +58,22 @@ class LogPort(Protocol):
         partition: int | None = None,
         stream_id: str | None = None,
     ) -> pa.Table: ...
+
+
+class _CommandRef(Protocol):
+    """What settling needs of a command: a `Command`, or a columnar batch's row."""
+
+    @property
+    def command_id(self) -> str: ...
+
+    @property
+    def stream_id(self) -> str: ...
+
+
+@dataclass(frozen=True, slots=True)
+class _Row:
+    command_id: str
+    stream_id: str
 
 
 class CommandBatch(Protocol):
@@ -95,7 +111,7 @@ _FOLD_COLUMNS = ["position", "stream_id", "stream_version", "type", "schema_vers
 
 # A command whose events are in the pending batch: (index in the batch, the
 # command, its stream id, its event types).
-_Appending = tuple[int, Command, str, tuple[str, ...]]
+_Appending = tuple[int, _CommandRef, str, tuple[str, ...]]
 
 
 class EntityHost:
@@ -164,6 +180,12 @@ class EntityHost:
         self, commands: Sequence[Command] | CommandBatch, started: float
     ) -> list[CommandResult]:
         if not isinstance(commands, Sequence):
+            twin = self.decider.columnar.get(type(commands))
+            if twin is not None:
+                answered = self._handle_columns(commands, twin)
+                if answered is not None:
+                    self._count(len(commands), started)
+                    return answered
             commands = commands.commands()
         results, retry, judged = self._decide_and_append(commands)
         maybe_repeats = [i for i, r in enumerate(results) if r.status == "unchanged" or i in judged]
@@ -177,10 +199,83 @@ class EntityHost:
             again = self._handle([commands[i] for i in retry], started)
             for i, result in zip(retry, again, strict=True):
                 results[i] = result
-        kind = {"kind": self.decider.kind}
-        commands_handled.add(len(commands), kind)
-        command_latency_ms.record((time.perf_counter() - started) * 1000, kind)
+        self._count(len(commands), started)
         return CommandResults(results)
+
+    def _count(self, commands: int, started: float) -> None:
+        kind = {"kind": self.decider.kind}
+        commands_handled.add(commands, kind)
+        command_latency_ms.record((time.perf_counter() - started) * 1000, kind)
+
+    def _handle_columns(
+        self, batch: Any, twin: Callable[[Any, Sequence[Any]], ColumnDecision[Any]]
+    ) -> CommandResults | None:
+        """A columnar batch through the decider's twin (see `Decider.columnar`).
+
+        Rows of one stream each, every one owned here, command ids unique within the
+        batch; else None, and the batch goes the command path. Rows the twin leaves
+        to `decide` go that path too, after the twin's rows are appended (their
+        streams are others, so the order between the two does not matter).
+        """
+        stream_ids: list[str] = batch.stream_ids()
+        command_ids: Sequence[str] = batch.command_ids
+        hashes = [stream_hash(sid) for sid in stream_ids]
+        n = len(stream_ids)
+        shard_index, shard_count = self.shard.index, self.shard.count
+        if (
+            len(set(stream_ids)) != n
+            or len(set(command_ids)) != n
+            or any(h % shard_count != shard_index for h in hashes)
+        ):
+            return None
+        states, versions = self._states, self._versions
+        decision = twin(batch, [states.get(sid) for sid in stream_ids])
+        results: list[CommandResult | None] = [None] * n
+        rows = [i for i, payload in enumerate(decision.payloads) if payload is not None]
+        unchanged = set(range(n)) - set(rows) - set(decision.scalar)
+        for i in unchanged:
+            results[i] = CommandResult(
+                command_id=command_ids[i], stream_id=stream_ids[i], status="unchanged"
+            )
+        retry: list[int] = []
+        if rows:
+            type_name = decision.event_type.__name__
+            row_versions = [versions.get(stream_ids[i], 0) + 1 for i in rows]
+            builder = PendingBatchBuilder()
+            builder.add_many(
+                [stream_ids[i] for i in rows],
+                [hashes[i] for i in rows],
+                row_versions,
+                [command_ids[i] for i in rows],
+                [batch.issued_at[i] for i in rows],
+                [decision.payloads[i] for i in rows],  # type: ignore[misc]
+                type_name=type_name,
+                schema_version=decision.event_type.schema_version,
+                correlation_id=batch.correlation_id,
+            )
+            outcomes = self.log.append_batch(builder.build())
+            types = (type_name,)
+            appended: list[_Appending] = [
+                (i, _Row(command_ids[i], stream_ids[i]), stream_ids[i], types) for i in rows
+            ]
+            tentative = {
+                stream_ids[i]: (decision.states[i], version)
+                for i, version in zip(rows, row_versions, strict=True)
+            }
+            retry = self._settle(appended, outcomes, tentative, results)
+            self._appended(len(rows))
+        if unchanged:  # a repeat gets its first answer
+            known = self.log.lookup_commands([command_ids[i] for i in unchanged])
+            for i in unchanged:
+                first = known.get(command_ids[i])
+                if first is not None:
+                    results[i] = self._repeat(_Row(command_ids[i], stream_ids[i]), first)
+        rest = sorted({*decision.scalar, *retry})
+        if rest:
+            again = self._handle(batch.take(rest).commands(), time.perf_counter())
+            for i, result in zip(rest, again, strict=True):
+                results[i] = result
+        return CommandResults(r for r in results if r is not None)
 
     def _decide_and_append(
         self, commands: Sequence[Command]
@@ -282,11 +377,14 @@ class EntityHost:
             else:
                 outcomes = self.log.append_batch(builder.build())
             retry = self._settle(appended, outcomes, tentative, results)
-            self._since_snapshot += len(builder)
-            events_appended.add(len(builder), {"kind": self.decider.kind})
-            if self._snapshot_path is not None and self._since_snapshot >= self.snapshot_every:
-                self._snapshot_in_background()
+            self._appended(len(builder))
         return [r for r in results if r is not None], retry, judged
+
+    def _appended(self, events: int) -> None:
+        self._since_snapshot += events
+        events_appended.add(events, {"kind": self.decider.kind})
+        if self._snapshot_path is not None and self._since_snapshot >= self.snapshot_every:
+            self._snapshot_in_background()
 
     def _settle(
         self,
@@ -350,7 +448,7 @@ class EntityHost:
         return ""
 
     @staticmethod
-    def _rejected(command: Command, reason: str) -> CommandResult:
+    def _rejected(command: _CommandRef, reason: str) -> CommandResult:
         try:
             sid = command.stream_id
         except Exception:
@@ -359,7 +457,7 @@ class EntityHost:
             command_id=command.command_id, stream_id=sid, status="rejected", reason=reason
         )
 
-    def _repeat(self, command: Command, first: Appended) -> CommandResult:
+    def _repeat(self, command: _CommandRef, first: Appended) -> CommandResult:
         recorded = self.log.read_all(
             first.first_position, first.positions[-1], columns=["command_id", "type"]
         )
@@ -562,7 +660,7 @@ def _results_from_columns(
     # the frozen dataclass's __init__ (the values are the host's own results).
     set_id, set_stream, set_status, set_positions, set_types, set_reason, set_dup = _RESULT_SLOTS
     new = object.__new__
-    results = []
+    results: list[CommandResult] = []
     append = results.append
     for c, s, st, p, t, r, d in zip(
         command_ids,

@@ -95,11 +95,15 @@ class FleetClient:
         return result
 
     def send_many(self, commands: Sequence[Command]) -> list[CommandResult]:
-        """Send a batch (one Ray call per owning shard); results in the same order."""
+        """Send a batch (one Ray call per owning shard); results in the same order.
+
+        A shard's share crosses Ray packed: as a columnar batch where its commands
+        have one (readings, setpoints), else as one pickle.
+        """
         if not commands:
             return []
         try:
-            refs, order = self._runtime.route(commands)
+            refs, order = self._runtime.route(commands, pack=True)
             return gather(refs, order, len(commands))
         except TypeError as exc:
             raise FleetError(str(exc)) from None
@@ -114,7 +118,7 @@ class FleetClient:
         if not commands:
             return []
         try:
-            refs, order = self._runtime.route(commands)
+            refs, order = self._runtime.route(commands, pack=True)
             batches = await asyncio.gather(*refs)
         except TypeError as exc:
             raise FleetError(str(exc)) from None

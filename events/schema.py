@@ -241,6 +241,34 @@ class PendingBatchBuilder:
         self._payload.append(payload)
         self._metadata.append(metadata)
 
+    def add_many(
+        self,
+        stream_ids: Sequence[str],
+        stream_hashes: Sequence[int],
+        stream_versions: Sequence[int],
+        command_ids: Sequence[str],
+        occurred_at: Sequence[datetime],
+        payloads: Sequence[str],
+        *,
+        type_name: str,
+        schema_version: int,
+        correlation_id: str = "",
+        metadata: str = "{}",
+    ) -> None:
+        """Many commands of one event each, of one type (event ids `<command_id>/0`)."""
+        n = len(stream_ids)
+        self._stream_id.extend(stream_ids)
+        self._stream_hash.extend(stream_hashes)
+        self._stream_version.extend(stream_versions)
+        self._event_id.extend([c + "/0" for c in command_ids])
+        self._type.extend([type_name] * n)
+        self._schema_version.extend([schema_version] * n)
+        self._occurred_at.extend(map(micros, occurred_at))
+        self._command_id.extend(command_ids)
+        self._correlation_id.extend([correlation_id] * n)
+        self._payload.extend(payloads)
+        self._metadata.extend([metadata] * n)
+
     def build(self) -> pa.RecordBatch:
         columns = (
             self._stream_id,

@@ -15,6 +15,7 @@ from actors.vehicle import (
     PlugIn,
     RegisterVehicle,
     ReportTelemetry,
+    ReportTelemetryBatch,
     RequestSetpoint,
     RequestSetpoints,
 )
@@ -310,3 +311,37 @@ def test_a_restarted_dispatcher_records_a_lost_decision_and_does_not_reuse_its_n
     types = [e.type for e in fleet.events(f"dispatch-{site}")]
     assert types.count("OrphanedDecisionRecorded") == DISPATCHER_CONCURRENCY
     assert restarted.status()["decision_seq"] == issued.decision_seq
+
+
+def test_readings_sent_together_cross_ray_as_one_batch_a_shard_and_are_recorded(system):
+    fleet, _, _ = system
+    now = datetime.now(UTC)
+    vans = [f"{site}-ev{i}" for site, count in SITES.items() for i in range(count)]
+    readings = [
+        ReportTelemetry(
+            command_id=f"late-reading-{vid}",
+            issued_at=now,
+            vehicle_id=vid,
+            measured_at=now,
+            soc=0.8,
+            battery_temp_c=26.5,
+            soh=0.95,
+            source="mqtt",
+        )
+        for vid in vans
+    ]
+    packed = pickle.loads(pickle.dumps(_packed(readings)))
+    assert type(packed) is ReportTelemetryBatch and packed.commands() == readings
+    unknown = readings[0].model_copy(update={"command_id": "r-x", "vehicle_id": "nobody"})
+
+    results = fleet.send_many([*readings, unknown])  # a batch per shard, through the twin
+
+    assert [r.status for r in results] == ["recorded"] * len(vans) + ["rejected"]
+    assert "not registered" in results[-1].reason
+    for vid, result in zip(vans, results, strict=False):
+        assert "VehicleTelemetryReported" in result.event_types
+        assert fleet.state("vehicle", vid).reading.battery_temp_c == 26.5
+    again = fleet.send_many(readings)
+    assert all(r.duplicate for r in again) and [r.positions for r in again] == [
+        r.positions for r in results[:-1]
+    ]
