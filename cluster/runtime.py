@@ -189,6 +189,9 @@ class LogService:
     async def ping(self) -> str:
         return "ok"
 
+    async def pid(self) -> int:
+        return os.getpid()
+
 
 class RayLogPort:
     """`LogPort` for a host inside Ray: each call is a blocking call to the log actor."""

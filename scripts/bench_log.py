@@ -11,8 +11,10 @@ Prints progress, then as its last line one JSON object:
   appending pre-built 1,000-event batches (group commit, fsync, hash chain).
 - append_p99_ack_ms: p99 of those appends' time to acknowledgement.
 - append_events_per_s_via_ray: `ReportTelemetry` commands through the client in
-  batches of 1,000, routed to 2 host shards, decided, appended by the log actor
-  (the whole command path: pickling, deciding, hashing, fsync).
+  batches of 1,000, routed to 2 host shards (each share packed as a
+  `ReportTelemetryBatch` and judged by the vehicle's columnar twin), appended by the
+  log actor (the whole command path: packing, deciding, hashing, fsync).
+  cpu_us_per_command_{hosts,log,client}: the CPU each side spent on it, per command.
 - log_append_events_per_s_via_ray: the log actor alone through Ray: 2 sender
   actors send pre-built 1,000-event pending batches, encoded as hosts send them
   (`encode_pending`, in the timed loop), pipelined.
@@ -202,6 +204,11 @@ def bench_direct(per_thread: list[list[pa.RecordBatch]], folder: str) -> tuple[f
     return total / elapsed, p99(latencies)
 
 
+def cpu_s(processes: list[psutil.Process]) -> float:
+    """CPU seconds (user + system, every thread) of these processes so far."""
+    return sum(sum(p.cpu_times()[:2]) for p in processes)
+
+
 def rss_mib(pids: list[int]) -> float:
     return sum(psutil.Process(p).memory_info().rss for p in pids) / 2**20
 
@@ -244,17 +251,28 @@ def bench_via_ray(n_vehicles: int, n_events: int, folder: str) -> dict[str, floa
         # vehicle's readings arrive in time order.
         per_round = max(1, n_vehicles // 1000)
         rounds = [batches[k : k + per_round] for k in range(0, len(batches), per_round)]
+        hosts = client.runtime.hosts("vehicle")
+        pids = ray.get([h.pid.remote() for h in hosts])
+        sides = {
+            "hosts": [psutil.Process(p) for p in pids],
+            "log": [psutil.Process(ray.get(client.runtime.log.pid.remote()))],
+            "client": [psutil.Process()],
+        }
+        cpu0 = {side: cpu_s(procs) for side, procs in sides.items()}
         t = time.perf_counter()
         with ThreadPoolExecutor(4) as pool:
             for rnd in rounds:
                 list(pool.map(run, [[b] for b in rnd]))
         elapsed = time.perf_counter() - t
-        hosts = client.runtime.hosts("vehicle")
-        pids = ray.get([h.pid.remote() for h in hosts])
+        cpu_us = {
+            f"cpu_us_per_command_{side}": (cpu_s(procs) - cpu0[side]) / n_events * 1e6
+            for side, procs in sides.items()
+        }
         hosted = sum(ray.get([h.entity_count.remote() for h in hosts]))
         return {
             "append_events_per_s_via_ray": n_events / elapsed,
             "command_batch_p99_ms_via_ray": p99(latencies),
+            **cpu_us,
             "hosted_vehicles": hosted,
             "host_rss_mib": rss_mib(pids),
         }
