@@ -4,7 +4,9 @@ A plain class, unit-tested without Ray; `cluster.runtime` makes it a Ray actor i
 one place. Per batch of commands it runs, for each command in order,
 decide → (tentative) evolve, then appends all the batch's events in one log call
 with each stream's expected version, and keeps the new states only for what the
-log acknowledged.
+log acknowledged. A columnar batch whose decider has a columnar twin
+(`Decider.columnar`) is judged by the twin instead, row by row without command
+objects; the rows it does not judge go the way above.
 
 A restart re-runs the constructor, which replays the shard's streams from the log
 (from a snapshot when one exists), so the host holds no state the log does not.
@@ -161,7 +163,8 @@ class EntityHost:
     def handle(self, commands: Sequence[Command] | CommandBatch) -> list[CommandResult]:
         """Decide and record a batch of commands; one result per command, in order.
 
-        `commands` may be a `CommandBatch`, expanded here into its commands first.
+        `commands` may be a `CommandBatch`: judged by the decider's columnar twin if it
+        has one for that batch type, else expanded here into its commands first.
 
         The common path costs one log call: a repeated command that produces events
         is caught by the log's own idempotency check at append time. Only commands
@@ -172,19 +175,20 @@ class EntityHost:
         started = time.perf_counter()
         self._idle.clear()
         try:
-            return self._handle(commands, started)
+            results = self._handle(commands)
         finally:
             self._idle.set()
+        kind = {"kind": self.decider.kind}
+        commands_handled.add(len(commands), kind)
+        command_latency_ms.record((time.perf_counter() - started) * 1000, kind)
+        return results
 
-    def _handle(
-        self, commands: Sequence[Command] | CommandBatch, started: float
-    ) -> list[CommandResult]:
+    def _handle(self, commands: Sequence[Command] | CommandBatch) -> list[CommandResult]:
         if not isinstance(commands, Sequence):
             twin = self.decider.columnar.get(type(commands))
             if twin is not None:
                 answered = self._handle_columns(commands, twin)
                 if answered is not None:
-                    self._count(len(commands), started)
                     return answered
             commands = commands.commands()
         results, retry, judged = self._decide_and_append(commands)
@@ -196,16 +200,10 @@ class EntityHost:
                 if first is not None:
                     results[i] = self._repeat(commands[i], first)
         if retry:  # decided on a state that assumed a repeat's events were new: once more
-            again = self._handle([commands[i] for i in retry], started)
+            again = self._handle([commands[i] for i in retry])
             for i, result in zip(retry, again, strict=True):
                 results[i] = result
-        self._count(len(commands), started)
         return CommandResults(results)
-
-    def _count(self, commands: int, started: float) -> None:
-        kind = {"kind": self.decider.kind}
-        commands_handled.add(commands, kind)
-        command_latency_ms.record((time.perf_counter() - started) * 1000, kind)
 
     def _handle_columns(
         self, batch: Any, twin: Callable[[Any, Sequence[Any]], ColumnDecision[Any]]
@@ -231,7 +229,12 @@ class EntityHost:
         states, versions = self._states, self._versions
         decision = twin(batch, [states.get(sid) for sid in stream_ids])
         results: list[CommandResult | None] = [None] * n
-        rows = [i for i, payload in enumerate(decision.payloads) if payload is not None]
+        rows: list[int] = []
+        payloads: list[str] = []
+        for i, payload in enumerate(decision.payloads):
+            if payload is not None:
+                rows.append(i)
+                payloads.append(payload)
         unchanged = set(range(n)) - set(rows) - set(decision.scalar)
         for i in unchanged:
             results[i] = CommandResult(
@@ -248,7 +251,7 @@ class EntityHost:
                 row_versions,
                 [command_ids[i] for i in rows],
                 [batch.issued_at[i] for i in rows],
-                [decision.payloads[i] for i in rows],  # type: ignore[misc]
+                payloads,
                 type_name=type_name,
                 schema_version=decision.event_type.schema_version,
                 correlation_id=batch.correlation_id,
@@ -272,7 +275,7 @@ class EntityHost:
                     results[i] = self._repeat(_Row(command_ids[i], stream_ids[i]), first)
         rest = sorted({*decision.scalar, *retry})
         if rest:
-            again = self._handle(batch.take(rest).commands(), time.perf_counter())
+            again = self._handle(batch.take(rest).commands())
             for i, result in zip(rest, again, strict=True):
                 results[i] = result
         return CommandResults(r for r in results if r is not None)

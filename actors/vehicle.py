@@ -29,7 +29,7 @@ from collections.abc import Sequence
 from datetime import UTC, datetime, timedelta
 from functools import cache
 from operator import itemgetter
-from typing import Annotated, Any, ClassVar, TypeVar
+from typing import Annotated, Any, ClassVar, TypeVar, get_args
 
 import numpy as np
 import pyarrow as pa
@@ -1365,14 +1365,20 @@ def _telemetry_payloads(
 ) -> list[str | None]:
     """The `VehicleTelemetryReported` JSON of `rows`, in Arrow kernels; None where
     Arrow's text of a value could differ from pydantic's (see `_json_numbers`)."""
+    if batch.source not in _TELEMETRY_SOURCES:  # built without validation: not certain
+        return [None] * len(rows)
     soc, soc_ok = _json_numbers([batch.soc[i] for i in rows])
     temp, temp_ok = _json_numbers([batch.battery_temp_c[i] for i in rows])
     soh, soh_ok = _json_numbers([batch.soh[i] for i in rows])
     at, at_ok = _json_times(at_us)
     measured, measured_ok = _json_times(measured_us)
+    vehicle_ids = pa.array([batch.vehicle_ids[i] for i in rows], pa.string())
+    # what `VehicleId` allows needs no escaping in JSON; anything else (a batch built
+    # without validation) is left to pydantic's writer
+    plain_ids = pc.match_substring_regex(vehicle_ids, _PLAIN_ID).to_numpy(zero_copy_only=False)
     text = pc.binary_join_element_wise(
         '{"vehicle_id":"',
-        pa.array([batch.vehicle_ids[i] for i in rows], pa.string()),  # [A-Za-z0-9._:-]
+        vehicle_ids,
         '","at":"',
         at,
         '","measured_at":"',
@@ -1386,8 +1392,12 @@ def _telemetry_payloads(
         f',"source":"{batch.source}"}}',
         "",
     )
-    ok = soc_ok & temp_ok & soh_ok & at_ok & measured_ok
+    ok = soc_ok & temp_ok & soh_ok & at_ok & measured_ok & plain_ids
     return [t if good else None for t, good in zip(text.to_pylist(), ok.tolist(), strict=True)]
+
+
+_TELEMETRY_SOURCES = frozenset(get_args(TelemetrySource))
+_PLAIN_ID = r"^[A-Za-z0-9][A-Za-z0-9._:-]*$"
 
 
 def _json_numbers(values: list[float]) -> tuple[pa.Array, np.ndarray]:

@@ -281,3 +281,25 @@ def test_the_twin_gives_what_decide_and_evolve_give_for_every_row_it_judges(
         [reported] = events
         assert reported.model_dump_json() == payload
         assert evolve(state, reported) == after
+
+
+def test_a_batch_built_without_validation_is_written_by_pydantic_not_by_the_twin(hosts):
+    """`model_construct` skips the checks that make a row's JSON plain text: such rows
+    go through `decide`, whose event pydantic escapes."""
+    _, host = hosts
+    batch = ReportTelemetryBatch.model_construct(
+        command_ids=("odd-1",),
+        issued_at=(LATER,),
+        vehicle_ids=('ev0"',),
+        measured_at=(LATER,),
+        soc=(0.5,),
+        battery_temp_c=(20.0,),
+        soh=(0.9,),
+        source="mqtt",
+        correlation_id="",
+    )
+    decision = VEHICLE.columnar[ReportTelemetryBatch](batch, [host.state("ev0")])
+    assert decision.scalar == [0] and decision.payloads == [None]
+    odd_source = batch.model_copy(update={"vehicle_ids": ("ev0",), "source": 'x"'})
+    decision = VEHICLE.columnar[ReportTelemetryBatch](odd_source, [host.state("ev0")])
+    assert decision.scalar == [0] and decision.payloads == [None]
