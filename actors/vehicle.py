@@ -122,6 +122,21 @@ def _utc_fields(cls: type[_VehicleCommand], utc_mask: int) -> tuple[tuple[int, s
     return tuple((i, n) for i, n in enumerate(_field_names(cls)) if utc_mask >> i & 1)
 
 
+_set = object.__setattr__
+_M = TypeVar("_M", bound=BaseModel)
+
+
+def _assembled(cls: type[_M], values: dict[str, Any], fields_set: set[str]) -> _M:
+    """A `cls` holding `values` as they are, without validation (see `_trusted`): for
+    values that were validated already, e.g. a command's own, sent across Ray."""
+    model = cls.__new__(cls)
+    _set(model, "__dict__", values)
+    _set(model, "__pydantic_fields_set__", fields_set)
+    _set(model, "__pydantic_extra__", None)
+    _set(model, "__pydantic_private__", None)
+    return model
+
+
 def _unpickle_command(
     cls: type[_VehicleCommand],
     values: tuple[Any, ...],
@@ -131,12 +146,7 @@ def _unpickle_command(
     fields = dict(zip(_field_names(cls), values, strict=True))
     for i, name in _utc_fields(cls, utc_mask):
         fields[name] = _EPOCH + _ONE_US * values[i]
-    command = cls.__new__(cls)
-    _set(command, "__dict__", fields)
-    _set(command, "__pydantic_fields_set__", set(fields_set))
-    _set(command, "__pydantic_extra__", None)
-    _set(command, "__pydantic_private__", None)
-    return command
+    return _assembled(cls, fields, set(fields_set))
 
 
 class RegisterVehicle(_VehicleCommand):
@@ -321,16 +331,11 @@ class RequestSetpoints(BaseModel):
         prefix = self.command_id_prefix
         commands = []
         for vehicle_id, power_kw in zip(self.vehicle_ids, self.power_kw, strict=True):
-            command = RequestSetpoint.__new__(RequestSetpoint)
             fields = shared.copy()
             fields["command_id"] = prefix + vehicle_id
             fields["vehicle_id"] = vehicle_id
             fields["power_kw"] = power_kw
-            _set(command, "__dict__", fields)
-            _set(command, "__pydantic_fields_set__", set(given))
-            _set(command, "__pydantic_extra__", None)
-            _set(command, "__pydantic_private__", None)
-            commands.append(command)
+            commands.append(_assembled(RequestSetpoint, fields, set(given)))
         return commands
 
     @classmethod
@@ -476,15 +481,10 @@ class ReportTelemetryBatch(BaseModel):
             self.soh,
             strict=True,
         ):
-            command = ReportTelemetry.__new__(ReportTelemetry)
             fields = dict.fromkeys(_field_names(ReportTelemetry))
             fields.update(zip(_BATCH_TO_COMMAND, row, strict=True))
             fields.update(source=self.source, correlation_id=self.correlation_id, traceparent="")
-            _set(command, "__dict__", fields)
-            _set(command, "__pydantic_fields_set__", set(given))
-            _set(command, "__pydantic_extra__", None)
-            _set(command, "__pydantic_private__", None)
-            commands.append(command)
+            commands.append(_assembled(ReportTelemetry, fields, set(given)))
         return commands
 
     @classmethod
@@ -588,10 +588,6 @@ class _Frozen(BaseModel):
     model_config = ConfigDict(frozen=True, extra="forbid")
 
 
-_M = TypeVar("_M", bound=BaseModel)
-_set = object.__setattr__
-
-
 def _trusted(cls: type[_M], values: dict[str, Any]) -> _M:
     """A `cls` from values that have passed the same validation already: a validated
     command's or event's fields, or a state's own.
@@ -602,22 +598,16 @@ def _trusted(cls: type[_M], values: dict[str, Any]) -> _M:
     the class declares them (an event's JSON follows it); the tests compare what
     this builds with what validation builds.
     """
-    model = cls.__new__(cls)
-    _set(model, "__dict__", values)
-    _set(model, "__pydantic_fields_set__", set(values))
-    _set(model, "__pydantic_extra__", None)
-    _set(model, "__pydantic_private__", None)
-    return model
+    return _assembled(cls, values, set(values))
 
 
 def _replaced(model: _M, changes: dict[str, Any]) -> _M:
     """`model.model_copy(update=changes)` at a fraction of the cost; `changes` are trusted."""
-    copy = model.__class__.__new__(model.__class__)
-    _set(copy, "__dict__", {**model.__dict__, **changes})
-    _set(copy, "__pydantic_fields_set__", model.__pydantic_fields_set__ | changes.keys())
-    _set(copy, "__pydantic_extra__", None)
-    _set(copy, "__pydantic_private__", None)
-    return copy
+    return _assembled(
+        model.__class__,
+        {**model.__dict__, **changes},
+        model.__pydantic_fields_set__ | changes.keys(),
+    )
 
 
 class VehicleSpec(_Frozen):
