@@ -8,6 +8,7 @@ as its own `ReportTelemetry`.
 
 from __future__ import annotations
 
+import dataclasses
 import pickle
 from datetime import UTC, datetime, timedelta, timezone
 from typing import Any
@@ -20,9 +21,6 @@ from pydantic import ValidationError
 from actors.host import EntityHost
 from actors.vehicle import (
     VEHICLE,
-    GrantControl,
-    PlugIn,
-    RegisterVehicle,
     ReportTelemetry,
     ReportTelemetryBatch,
     RequestSetpoint,
@@ -31,6 +29,7 @@ from actors.vehicle import (
     evolve,
 )
 from events.log import EventLog
+from tests.actors.test_host_setpoints import fleet as setpoint_fleet
 from tests.actors.test_vehicle_properties import _command, registrations
 from tests.events.conftest import T0
 
@@ -49,47 +48,21 @@ def reading(i: int, vehicle_id: str, *, at: datetime = LATER, **values: Any) -> 
 
 
 def fleet(host: EntityHost) -> None:
-    """ev0 idle, ev1 discharging under dispatch-x's lease, ev2 with a newer reading."""
-    setup: list = []
-    for i in range(3):
-        vid = f"ev{i}"
-        setup += [
-            RegisterVehicle(
-                command_id=f"r{i}",
-                issued_at=T0,
-                vehicle_id=vid,
-                model="Volkswagen ID.4",
-                site_id="depot",
-            ),
-            PlugIn(
-                command_id=f"p{i}",
-                issued_at=T0,
-                vehicle_id=vid,
-                charger_id=f"cp{i}",
-                charger_max_charge_kw=11,
-                charger_max_discharge_kw=11,
-            ),
-            reading(100 + i, vid, at=T0, soc=0.8),
-        ]
-    setup += [
-        GrantControl(
-            command_id="g1",
-            issued_at=T0,
-            vehicle_id="ev1",
-            controller_id="dispatch-x",
-            lease_until=T0 + timedelta(hours=1),
-        ),
+    """The setpoint tests' three vehicles; then ev0 discharges under dispatch-x's lease,
+    ev1 stays idle (no lease), and ev2 reports a reading an hour later."""
+    setpoint_fleet(host)
+    later = [
         RequestSetpoint(
-            command_id="s1",
+            command_id="s0",
             issued_at=T0,
-            vehicle_id="ev1",
+            vehicle_id="ev0",
             controller_id="dispatch-x",
             power_kw=-11.0,
             valid_until=T0 + timedelta(minutes=30),
         ),
         reading(103, "ev2", at=T0 + timedelta(hours=1), soc=0.7),
     ]
-    assert all(r.status == "recorded" for r in host.handle(setup))
+    assert all(r.status == "recorded" for r in host.handle(later))
 
 
 @pytest.fixture
@@ -112,8 +85,8 @@ def logged(host: EntityHost) -> list[tuple[str, int, str, str]]:
 def test_a_batch_of_readings_is_recorded_exactly_as_the_readings_one_by_one(hosts):
     by_one, by_batch = hosts
     readings = [
-        reading(1, "ev0", soc=0.55, battery_temp_c=-0.0, soh=1),  # the twin judges it
-        reading(2, "ev1", soc=0.21, battery_temp_c=70.0),  # discharging: `decide` curtails
+        reading(1, "ev1", soc=0.55, battery_temp_c=-0.0, soh=1),  # the twin judges it
+        reading(2, "ev0", soc=0.21, battery_temp_c=70.0),  # discharging: `decide` curtails
         reading(3, "ev2", soc=0.9),  # older than ev2's last reading: unchanged
         reading(4, "nobody"),  # never registered: rejected
         reading(5, "ev3", soc=0.00001, battery_temp_c=31.5),  # unknown too
@@ -121,8 +94,17 @@ def test_a_batch_of_readings_is_recorded_exactly_as_the_readings_one_by_one(host
     one = by_one.handle(readings)
     batch = ReportTelemetryBatch.of(readings)
     assert batch is not None
+    decided: list[str] = []
+
+    def spy(command: Any, state: VehicleState) -> list:
+        decided.append(command.command_id)
+        return decide(command, state)
+
+    by_batch.decider = dataclasses.replace(VEHICLE, decide=spy)
     batched = by_batch.handle(batch)
 
+    # the twin judged ev1's and ev2's readings; decide saw only the rest
+    assert decided == ["tel-2", "tel-4", "tel-5"]
     assert [(r.command_id, r.status, r.event_types, r.reason) for r in batched] == [
         (r.command_id, r.status, r.event_types, r.reason) for r in one
     ]
@@ -150,16 +132,16 @@ def test_a_repeated_batch_gets_the_first_answers_and_writes_nothing(hosts):
 def test_two_readings_of_one_vehicle_in_a_batch_are_decided_in_order(hosts):
     by_one, by_batch = hosts
     readings = [
-        reading(1, "ev0", soc=0.5),
-        reading(2, "ev0", at=LATER + timedelta(seconds=1), soc=0.49),
-        reading(3, "ev0", soc=0.48),  # no newer than the first: unchanged
+        reading(1, "ev1", soc=0.5),
+        reading(2, "ev1", at=LATER + timedelta(seconds=1), soc=0.49),
+        reading(3, "ev1", soc=0.48),  # no newer than the first: unchanged
     ]
     one = by_one.handle(readings)
     batch = ReportTelemetryBatch.of(readings)
     assert batch is not None
     assert [r.status for r in by_batch.handle(batch)] == [r.status for r in one]
-    assert by_batch.state("ev0") == by_one.state("ev0")
-    assert by_batch.state("ev0").reading.soc == 0.49
+    assert by_batch.state("ev1") == by_one.state("ev1")
+    assert by_batch.state("ev1").reading.soc == 0.49
 
 
 def test_a_batch_crosses_a_pickle_as_columns_and_comes_back_equal():
@@ -290,7 +272,7 @@ def test_a_batch_built_without_validation_is_written_by_pydantic_not_by_the_twin
     batch = ReportTelemetryBatch.model_construct(
         command_ids=("odd-1",),
         issued_at=(LATER,),
-        vehicle_ids=('ev0"',),
+        vehicle_ids=('ev1"',),
         measured_at=(LATER,),
         soc=(0.5,),
         battery_temp_c=(20.0,),
@@ -298,8 +280,12 @@ def test_a_batch_built_without_validation_is_written_by_pydantic_not_by_the_twin
         source="mqtt",
         correlation_id="",
     )
-    decision = VEHICLE.columnar[ReportTelemetryBatch](batch, [host.state("ev0")])
+    idle = host.state("ev1")  # a vehicle whose reading the twin would judge
+    decision = VEHICLE.columnar[ReportTelemetryBatch](batch, [idle])
     assert decision.scalar == [0] and decision.payloads == [None]
-    odd_source = batch.model_copy(update={"vehicle_ids": ("ev0",), "source": 'x"'})
-    decision = VEHICLE.columnar[ReportTelemetryBatch](odd_source, [host.state("ev0")])
+    odd_source = batch.model_copy(update={"vehicle_ids": ("ev1",), "source": 'x"'})
+    decision = VEHICLE.columnar[ReportTelemetryBatch](odd_source, [idle])
     assert decision.scalar == [0] and decision.payloads == [None]
+    plain = batch.model_copy(update={"vehicle_ids": ("ev1",)})
+    decision = VEHICLE.columnar[ReportTelemetryBatch](plain, [idle])
+    assert decision.scalar == [] and decision.payloads[0] is not None
