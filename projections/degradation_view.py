@@ -10,7 +10,8 @@ Tables:
     temperature sum / max, readings above 35 and 45 degC) and metered energy (grid-side
     kWh charged and discharged, hours with energy), merged as events arrive.
 ``degradation``  per vehicle, recomputed from the two tables above for each vehicle
-    an apply has events of (for all after an upgrade of the table):
+    an apply has events of (for every vehicle on the first apply, when one is new, and
+    after an upgrade of the table):
     the stress figures and :func:`projections.degradation.assess_fleet` for the fleet.
 ``degradation_soh_trajectory``  SoH at 1..``horizon_years`` years of age if the vehicle
     keeps its observed yearly throughput and stress

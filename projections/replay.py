@@ -4,8 +4,8 @@
 and moves it into place only once it is complete, so a failed replay leaves the old
 database untouched (a replay killed outright leaves its ``.replay-*.duckdb`` beside it,
 to be deleted). (Building in memory and copying the finished database to a file
-cost a second pass over every row: at 10M events, 8.3 s against 7.4 s, 15.0 against
-13.1 s of CPU. DuckDB writes large inserts straight to the file's blocks, without
+cost a second pass over every row: at 10M events, 8.3 s against 7.3 s, 15 against
+13 s of CPU. DuckDB writes large inserts straight to the file's blocks, without
 its write-ahead log, so the direct build pays little for being on disk.)
 Two replays of the same log give byte-identical exports (:mod:`projections.export`):
 money and energy are DECIMAL, and every export has a total ORDER BY.
