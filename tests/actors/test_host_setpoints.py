@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import json
+from collections.abc import Callable
+from contextlib import contextmanager
 from datetime import timedelta
 
 import pytest
@@ -88,16 +90,24 @@ def setpoints(seq: int, power_kw: list[float]) -> list[RequestSetpoint]:
     ]
 
 
-@pytest.fixture
-def hosts(tmp_path):
+@contextmanager
+def paired_hosts(tmp_path, build: Callable[[EntityHost], None]):
+    """Two vehicle hosts, each on a log of its own, built alike: one is sent commands
+    one by one, the other the same commands as a columnar batch."""
     with (
         EventLog(str(tmp_path / "one"), partitions=2) as one,
         EventLog(str(tmp_path / "batch"), partitions=2) as batched,
     ):
         by_one, by_batch = EntityHost(VEHICLE, one), EntityHost(VEHICLE, batched)
-        fleet(by_one)
-        fleet(by_batch)
+        build(by_one)
+        build(by_batch)
         yield by_one, by_batch
+
+
+@pytest.fixture
+def hosts(tmp_path):
+    with paired_hosts(tmp_path, fleet) as pair:
+        yield pair
 
 
 def test_a_batch_expands_into_the_validated_commands():

@@ -28,8 +28,8 @@ from actors.vehicle import (
     decide,
     evolve,
 )
-from events.log import EventLog
 from tests.actors.test_host_setpoints import fleet as setpoint_fleet
+from tests.actors.test_host_setpoints import paired_hosts
 from tests.actors.test_vehicle_properties import _command, registrations
 from tests.events.conftest import T0
 
@@ -67,14 +67,8 @@ def fleet(host: EntityHost) -> None:
 
 @pytest.fixture
 def hosts(tmp_path):
-    with (
-        EventLog(str(tmp_path / "one"), partitions=2) as one,
-        EventLog(str(tmp_path / "batch"), partitions=2) as batched,
-    ):
-        by_one, by_batch = EntityHost(VEHICLE, one), EntityHost(VEHICLE, batched)
-        fleet(by_one)
-        fleet(by_batch)
-        yield by_one, by_batch
+    with paired_hosts(tmp_path, fleet) as pair:
+        yield pair
 
 
 def logged(host: EntityHost) -> list[tuple[str, int, str, str]]:
