@@ -200,6 +200,45 @@ def test_a_batch_of_fresh_single_event_commands_takes_the_fast_path_and_the_same
     assert log.read_all().num_rows == 50
 
 
+def test_a_round_with_two_batches_of_the_same_streams_numbers_both_on_the_fast_path(
+    log, monkeypatch
+):
+    # A sender that keeps two batches of the same vehicles in flight puts both in one
+    # round: the second expects the versions the first leaves, and is judged as a
+    # whole like the first (no row-by-row answers), in the order they came.
+    from concurrent.futures import Future
+
+    from events.log import BatchOutcome
+
+    def round_of(versions: list[int], tag: str) -> pa.RecordBatch:
+        builder = PendingBatchBuilder()
+        for i, version in enumerate(versions):
+            cmd = f"{tag}-{i}"
+            builder.add(f"vehicle-{i}", version, f"{cmd}/0", "Pinged", 1, T0, cmd, "", "{}")
+        return builder.build()
+
+    def row_by_row(*args: object) -> None:
+        raise AssertionError("a batch of fresh single-event commands went row by row")
+
+    monkeypatch.setattr(BatchOutcome, "add", row_by_row)
+    first, second = log._commit(
+        [(round_of([1] * 20, "a"), Future()), (round_of([2] * 20, "b"), Future())]
+    )
+    assert [o.positions for o in first] == [(p,) for p in range(1, 21)]
+    assert [o.positions for o in second] == [(p,) for p in range(21, 41)]
+    assert log.version("vehicle-7") == 2
+    monkeypatch.undo()
+
+    # a second batch that expects the version its round started from is stale
+    ok, stale = log._commit(
+        [(round_of([3] * 20, "c"), Future()), (round_of([3] * 20, "d"), Future())]
+    )
+    assert not any(isinstance(o, ConcurrencyError) for o in ok)
+    assert all(isinstance(o, ConcurrencyError) for o in stale)
+    assert log.version("vehicle-7") == 3
+    assert log.read_all().num_rows == 60
+
+
 def test_mixed_rounds_across_partitions_keep_a_chain_the_verifier_accepts(tmp_path):
     # The writer joins bodies in one Arrow kernel and hashes each partition after one
     # reordering; the verifier recomputes every body in Python. They must agree,
