@@ -301,7 +301,7 @@ class ProjectionStore:
         self._plans = {t: _plan(t, f) for t, f in self.reads.items()}
         if db_path != ":memory:":
             os.makedirs(os.path.dirname(os.path.abspath(db_path)), exist_ok=True)
-        self.con = duckdb.connect(db_path)
+        self.con = _connect(db_path)
         if threads is not None:
             self.con.execute(f"SET threads = {int(threads)}")
         # sealed segments never change: their footers can be cached across polls
@@ -587,6 +587,24 @@ class ProjectionStore:
             for p in self.projections:
                 p.create(self.con)
                 self.con.execute("INSERT INTO projection_positions VALUES (?, 0)", [p.name])
+
+
+#: Rows per row group in the projection file. DuckDB's default, 122,880, makes a live
+#: round's checkpoint rewrite the table's last, partly filled row group whole: an
+#: append of 1,000 rows to a 3.3M-row table then checkpoints in ~200 ms about once in
+#: ten, against 3-8 ms otherwise (measured at 10M events). At 16,384 the rewrite is at
+#: most that many rows.
+_ROW_GROUP_ROWS = 16_384
+
+
+def _connect(db_path: str) -> duckdb.DuckDBPyConnection:
+    """A connection whose current database is ``db_path`` (row groups see above)."""
+    if db_path == ":memory:":
+        return duckdb.connect()
+    con = duckdb.connect()
+    con.execute(f"ATTACH {_quote(db_path)} AS projections (ROW_GROUP_SIZE {_ROW_GROUP_ROWS})")
+    con.execute("USE projections")
+    return con
 
 
 def _quote(text: str) -> str:

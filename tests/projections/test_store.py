@@ -503,3 +503,27 @@ def test_follow_is_bounded_by_max_rounds(tmp_path: object) -> None:
             os.path.join(str(tmp_path), "no-log-yet"), threading.Event(), poll_s=0, max_rounds=3
         )
         assert store.positions() == {"degradation": 0, "energy": 0, "revenue": 0}
+
+
+def test_the_store_writes_small_row_groups_that_a_live_checkpoint_rewrites_quickly(
+    tmp_path: object,
+) -> None:
+    # A checkpoint rewrites each table's last, partly filled row group whole: with
+    # DuckDB's 122,880-row groups, 40,000 rows would be one group; the store's are
+    # 16,384 rows, so a live round rewrites at most that many.
+    import duckdb
+
+    path = os.path.join(str(tmp_path), "p.duckdb")
+    with ProjectionStore(path) as store:
+        store.con.execute(
+            "INSERT INTO telemetry SELECT i, 'v' || (i % 7), TIMESTAMP '2024-06-03' "
+            "+ to_seconds(i), 0.5, 25.0, 0.97, 'simulator' FROM range(40000) t(i)"
+        )
+        store.con.execute("CHECKPOINT")
+    with duckdb.connect(path, read_only=True) as con:  # a reader opens it as usual
+        [(groups,)] = con.execute(
+            "SELECT count(DISTINCT row_group_id) FROM pragma_storage_info('telemetry')"
+        ).fetchall()
+        [(rows,)] = con.execute("SELECT count(*) FROM telemetry").fetchall()
+    assert rows == 40_000
+    assert groups == 3
