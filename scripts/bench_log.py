@@ -17,9 +17,9 @@ Prints progress, then as its last line one JSON object:
   cpu_us_per_command_{hosts,log,client}: the CPU each side spent on it, per command.
 - log_append_events_per_s_via_ray: the log actor alone through Ray: 2 sender
   actors send pre-built 1,000-event pending batches, encoded as hosts send them
-  (`encode_pending`, in the timed loop), each with 2 batches in flight. Four
-  batches in flight in all leave the log idle while it waits for the next one:
-  this figure is bound by the round trip, not by the log.
+  (`encode_pending`, in the timed loop), each with 2 batches in flight. With four
+  batches in flight in all, the log actor waits between rounds (it used ~0.7 of a
+  core): this figure is bound by the round trip, not by the log.
 - log_append_events_per_s_via_ray_8_in_flight (and its p99 ack): the same with 8
   batches in flight per sender, as when many hosts append at once: what the log
   actor itself can take.
