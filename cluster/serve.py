@@ -62,8 +62,10 @@ def follow_projections(
             with ProjectionStore(db_path) as store:
                 store.apply(log_root)
             on_round()
-        except (duckdb.IOException, duckdb.ConnectionException):
-            pass  # a reader holds the file this instant; next round
+        except (duckdb.IOException, duckdb.ConnectionException, duckdb.ResourceInUseException):
+            # a reader holds the file this instant (another process: IOException; this
+            # process: the file is attached already); next round
+            pass
         stop.wait(poll_s)
 
 
